@@ -1,0 +1,1 @@
+"""Entry points: run, test helpers, publish, health (the coordinator), loadtest, mint-token."""

@@ -1,0 +1,1 @@
+"""wsbroadcast: a WebSocket broadcast service over Redis pub/sub."""

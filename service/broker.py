@@ -1,0 +1,316 @@
+"""The broker: the worker's Redis pool, its one pub/sub listener, and publishing.
+
+The listener owns one connection taken from the pool (so ``REDIS_POOL_SIZE`` bounds everything),
+reconnects with capped exponential backoff and resubscribes every wanted channel. Subscriptions are
+reconciled, not replayed: ``want``/``unwant`` change the wanted set and wake one sender that brings
+Redis in line with it, so a reconnect and a burst of changes take the same path.
+
+A liveness canary guards against a listener that is connected but deaf: every CANARY_INTERVAL the
+worker publishes on its private channel and expects it back through its own subscription.
+Publications are handed to ``on_message`` (the hub); the broker never imports the hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from service.config import Settings
+from service.keys import Keys
+
+log = logging.getLogger("wsbroadcast.broker")
+
+BACKOFF_START = 0.05
+BACKOFF_CAP = 0.2
+
+
+class RedisUnavailable(Exception):
+    """Publishing failed because Redis could not be reached; nothing was sent."""
+
+
+class Broker:
+    def __init__(
+        self,
+        settings: Settings,
+        keys: Keys,
+        worker_id: tuple[str, int],
+        on_message: Callable[[str, bytes], None],
+    ) -> None:
+        self._settings = settings
+        self._keys = keys
+        self._on_message = on_message
+        # No client-side retries: a publish while Redis is down fails at once (503) instead of
+        # hanging for the retry schedule.
+        self.pool = BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_pool_size,
+            timeout=settings.redis_pool_timeout,
+            socket_connect_timeout=2.0,
+            socket_timeout=5.0,
+            retry=Retry(NoBackoff(), 0),
+            # RESP2: pub/sub messages arrive as plain replies, without RESP3's push-handler detour.
+            protocol=2,
+            client_name=f"wsbroadcast:{worker_id[0]}:{worker_id[1]}",
+        )
+        self.redis = Redis(connection_pool=self.pool, retry=Retry(NoBackoff(), 0))
+        self._canary_channel = keys.canary(*worker_id)
+        self._wanted: set[str] = {self._canary_channel}
+        self._sent: set[str] = set()
+        self._confirmed: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._canary_task: asyncio.Task[None] | None = None
+        self._restart = asyncio.Event()
+        self.connected = False
+        self.down_since: float | None = time.monotonic()
+        self.reconnects = 0
+        self.canary_misses = 0
+        self.canary_ok = True
+        self.last_error = "not connected yet"
+        self.ever_connected = False
+        self._down_logged = False
+        self._ups = 0
+        self._canary_pending: bytes | None = None
+        self._canary_bytes = self._canary_channel.encode()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen_forever(), name="broker-listener")
+        self._canary_task = asyncio.create_task(self._canary_forever(), name="broker-canary")
+
+    async def stop(self) -> None:
+        for task in (self._canary_task, self._task):
+            if task is not None:
+                task.cancel()
+        for task in (self._canary_task, self._task):
+            if task is not None:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        await self.redis.aclose()
+        await self.pool.disconnect()
+
+    @property
+    def healthy(self) -> bool:
+        return self.connected and self.canary_ok
+
+    # --- subscriptions ---------------------------------------------------------------------------
+
+    def want(self, channel: str) -> None:
+        """Subscribe to the public ``channel`` in Redis (called on its first local listener)."""
+        self._wanted.add(self._keys.channel(channel))
+        self._dirty.set()
+
+    def unwant(self, channel: str) -> None:
+        """Unsubscribe from ``channel`` in Redis (called after its last local listener left)."""
+        self._wanted.discard(self._keys.channel(channel))
+        self._dirty.set()
+
+    async def confirmed(self, channel: str, timeout: float) -> bool:
+        """Wait until Redis has confirmed the subscription to ``channel``; False on timeout."""
+        redis_channel = self._keys.channel(channel)
+        if redis_channel in self._confirmed:
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(redis_channel, []).append(future)
+        try:
+            await asyncio.wait_for(future, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiters = self._waiters.get(redis_channel)
+            if waiters is not None and future in waiters:
+                waiters.remove(future)
+                if not waiters:
+                    del self._waiters[redis_channel]
+
+    def subscriptions(self) -> list[str]:
+        return sorted(self._confirmed)
+
+    # --- publishing ---------------------------------------------------------------------------
+
+    async def publish(self, channel: str, frame: bytes) -> int:
+        """PUBLISH one frame; returns Redis's receiver count (workers). Raises RedisUnavailable."""
+        try:
+            return int(await self.redis.publish(self._keys.channel(channel), frame))
+        except (RedisError, OSError) as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+
+    def pool_usage(self) -> dict[str, int]:
+        pool: Any = self.pool
+        return {
+            "in_use": len(pool._in_use_connections),
+            "idle": len(pool._available_connections),
+            "max": self._settings.redis_pool_size,
+        }
+
+    # --- the listener -------------------------------------------------------------------------
+
+    async def _listen_forever(self) -> None:
+        backoff = BACKOFF_START
+        while True:
+            ups_before = self._ups
+            conn: Connection | None = None
+            sender: asyncio.Task[None] | None = None
+            try:
+                conn = await self.pool.get_connection()
+                self._sent.clear()
+                self._confirmed.clear()
+                self._dirty.set()
+                self._restart.clear()
+                sender = asyncio.create_task(self._send_forever(conn), name="broker-subscriber")
+                await self._read_forever(conn, sender)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, RuntimeError) as exc:
+                self._mark_down(str(exc) or type(exc).__name__)
+            finally:
+                if sender is not None:
+                    sender.cancel()
+                if conn is not None:
+                    await conn.disconnect()
+                    await self.pool.release(conn)
+            if self._ups != ups_before:
+                backoff = BACKOFF_START
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_CAP)
+
+    async def _read_forever(self, conn: Connection, sender: asyncio.Task[None]) -> None:
+        """Read until the connection fails, the sender fails or the canary asks for a restart."""
+        reader = asyncio.create_task(self._read_loop(conn), name="broker-reader")
+        restart = asyncio.create_task(self._restart.wait(), name="broker-restart")
+        try:
+            done, _ = await asyncio.wait({reader, sender, restart}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, restart):
+                task.cancel()
+            await asyncio.gather(reader, restart, return_exceptions=True)
+        for task in (reader, sender):
+            if task in done:
+                task.result()  # re-raise the connection error
+        self._mark_down("listener restarted: canary missed")
+
+    async def _read_loop(self, conn: Connection) -> None:
+        handle = self._handle
+        while True:
+            handle(await conn.read_response(timeout=math.inf, push_request=True))
+
+    async def _send_forever(self, conn: Connection) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            subscribe = sorted(self._wanted - self._sent)
+            unsubscribe = sorted(self._sent - self._wanted)
+            if subscribe:
+                self._sent.update(subscribe)
+                await conn.send_command("SUBSCRIBE", *subscribe)
+            if unsubscribe:
+                self._sent.difference_update(unsubscribe)
+                await conn.send_command("UNSUBSCRIBE", *unsubscribe)
+
+    def _handle(self, response: Any) -> None:
+        if not isinstance(response, list) or len(response) < 3:
+            return
+        kind = response[0]
+        if kind == b"message":
+            channel_bytes, payload = response[1], response[2]
+            if channel_bytes == self._canary_bytes:
+                self._canary_received(payload)
+                return
+            name = self._keys.channel_name(channel_bytes)
+            if name is not None:
+                self._on_message(name, payload)
+        elif kind == b"subscribe":
+            channel = response[1].decode()
+            self._confirmed.add(channel)
+            if channel == self._canary_channel:
+                self._mark_up()
+            for future in self._waiters.pop(channel, []):
+                if not future.done():
+                    future.set_result(None)
+        elif kind == b"unsubscribe":
+            self._confirmed.discard(response[1].decode())
+
+    def _mark_up(self) -> None:
+        if not self.connected:
+            if self.ever_connected:
+                self.reconnects += 1
+                down = time.monotonic() - (self.down_since or time.monotonic())
+                log.warning(
+                    "Redis pub/sub connection restored after %.2f s; resubscribed %d channels",
+                    down,
+                    len(self._wanted),
+                )
+            else:
+                log.info("Redis pub/sub connected to %s", _redact(self._settings.redis_url))
+            self.ever_connected = True
+            self._ups += 1
+        self.connected = True
+        self._down_logged = False
+        self.down_since = None
+
+    def _mark_down(self, reason: str) -> None:
+        if not self._down_logged:
+            what = "lost" if self.ever_connected else "unavailable at start-up"
+            log.warning("Redis pub/sub connection %s: %s; reconnecting with backoff", what, reason)
+            self._down_logged = True
+        if self.connected or self.down_since is None:
+            self.down_since = time.monotonic()
+        self.connected = False
+        self.last_error = reason
+
+    # --- the canary -----------------------------------------------------------------------------
+
+    async def _canary_forever(self) -> None:
+        """Publish a numbered canary each interval; one not back by the next interval is a miss."""
+        number = 0
+        while True:
+            await asyncio.sleep(self._settings.canary_interval)
+            if not self.connected:
+                self._canary_pending = None
+                continue
+            if self._canary_pending is not None:
+                self.canary_misses += 1
+                if self.canary_ok:
+                    log.warning("canary missed: the pub/sub listener is not delivering; restarting it")
+                self.canary_ok = False
+                self._canary_pending = None
+                self._restart.set()
+                continue
+            number += 1
+            token = str(number).encode()
+            self._canary_pending = token
+            try:
+                await self.redis.publish(self._canary_channel, token)
+            except (RedisError, OSError):
+                self._canary_pending = None
+
+    def _canary_received(self, token: bytes) -> None:
+        if token != self._canary_pending:
+            return
+        self._canary_pending = None
+        if not self.canary_ok:
+            log.warning("canary received again: the pub/sub listener is delivering")
+            self.canary_ok = True
+
+
+def _redact(url: str) -> str:
+    """A Redis URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

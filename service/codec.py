@@ -1,0 +1,82 @@
+"""The one JSON codec (orjson) and the wire frames built with it.
+
+Publication frames are serialized once, by the publisher; workers only decode the bytes to text and
+frame them. Control frames are small and built per connection, which is fine off the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from service.config import CHANNEL_RE
+
+JSONDecodeError = orjson.JSONDecodeError
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def loads(data: bytes | str) -> Any:
+    return orjson.loads(data)
+
+
+def publication(channel: str, data: Any) -> bytes:
+    """The frame every subscriber of ``channel`` receives, exactly as it travels through Redis."""
+    return orjson.dumps({"channel": channel, "data": data})
+
+
+def control(op: str, **fields: Any) -> str:
+    return orjson.dumps({"op": op, **fields}).decode()
+
+
+def error(code: str, detail: str) -> str:
+    return control("error", error=code, detail=detail)
+
+
+PONG = control("pong")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOp:
+    """A valid client frame: ``op`` is subscribe, unsubscribe or ping; ``channel`` is set for the first two."""
+
+    op: str
+    channel: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientError:
+    """Why a client frame was rejected: an error code for the error frame and human text."""
+
+    code: str
+    detail: str
+
+
+_OPS_WITH_CHANNEL = frozenset({"subscribe", "unsubscribe"})
+
+
+def parse_client_frame(text: str) -> ClientOp | ClientError:
+    """Parse one client text frame. Never raises: anything invalid becomes a ClientError."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return ClientError("invalid_json", "frame is not valid JSON")
+    if not isinstance(value, dict):
+        return ClientError("invalid_frame", "frame must be a JSON object")
+    op = value.get("op")
+    if not isinstance(op, str):
+        return ClientError("invalid_frame", 'frame needs a string field "op"')
+    if op == "ping":
+        return ClientOp("ping")
+    if op not in _OPS_WITH_CHANNEL:
+        return ClientError("unknown_op", f"unknown op {op[:64]!r}; expected subscribe, unsubscribe or ping")
+    channel = value.get("channel")
+    if not isinstance(channel, str):
+        return ClientError("invalid_frame", f'op {op!r} needs a string field "channel"')
+    if not CHANNEL_RE.fullmatch(channel):
+        return ClientError("invalid_channel", "channel names match [A-Za-z0-9_.:-]{1,128}")
+    return ClientOp(op, channel)

@@ -1,0 +1,141 @@
+"""Memory awareness: the worker's memory limit, pressure alerts, and the limit memory allows.
+
+The limit is MEMORY_LIMIT when set, else the container's cgroup limit (v2 ``memory.max``, v1
+``memory.limit_in_bytes``), else the host's RAM; cgroup and host limits are shared among the
+WEB_CONCURRENCY workers. Above MEMORY_HIGH_WATERMARK of it the worker is degraded and refuses new
+connections until it falls back below (with 5% hysteresis, so one crossing logs one line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from service.config import Settings
+from service.tracker import Tracker
+
+log = logging.getLogger("wsbroadcast.memory")
+
+# cgroup v1 reports "no limit" as a huge page-aligned number; anything above this is unlimited.
+_UNLIMITED = 1 << 60
+HYSTERESIS = 0.95
+DEFAULT_PER_CONNECTION = 16 * 1024
+MIN_PER_CONNECTION = 4 * 1024
+MEASURE_FROM = 50  # connections needed before the measured per-connection figure is trusted
+
+
+def cgroup_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The memory limit of this process's cgroup in bytes, or None when there is none."""
+    v2, v1 = _cgroup_paths(proc_cgroup)
+    candidates = []
+    if v2 is not None:
+        candidates += [root / v2.lstrip("/") / "memory.max", root / "memory.max"]
+    if v1 is not None:
+        candidates += [root / "memory" / v1.lstrip("/") / "memory.limit_in_bytes"]
+    candidates.append(root / "memory" / "memory.limit_in_bytes")
+    for path in candidates:
+        try:
+            raw = path.read_text().strip()
+        except OSError:
+            continue
+        if raw == "max":
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            continue
+        return None if value >= _UNLIMITED else value
+    return None
+
+
+def _cgroup_paths(proc_cgroup: Path) -> tuple[str | None, str | None]:
+    v2 = v1 = None
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+        elif "memory" in parts[1].split(","):
+            v1 = parts[2]
+    return v2, v1
+
+
+def detect_limit(settings: Settings, root: Path = Path("/sys/fs/cgroup"),
+                 proc_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[int, str]:
+    """(bytes this worker may use, where the figure comes from)."""
+    if settings.memory_limit:
+        return settings.memory_limit, "MEMORY_LIMIT"
+    workers = max(1, settings.web_concurrency)
+    limit = cgroup_limit(root, proc_cgroup)
+    if limit is not None:
+        return limit // workers, f"cgroup / {workers} workers"
+    return int(psutil.virtual_memory().total) // workers, f"host RAM / {workers} workers"
+
+
+class MemoryMonitor:
+    def __init__(self, settings: Settings, tracker: Tracker) -> None:
+        self._settings = settings
+        self._tracker = tracker
+        self._process = psutil.Process()
+        self.limit, self.source = detect_limit(settings)
+        self.watermark = settings.memory_high_watermark
+        self.rss = self._read_rss()
+        self.baseline = self.rss
+        self.pressure = False
+        self.alerts = 0
+
+    def _read_rss(self) -> int:
+        return int(self._process.memory_info().rss)
+
+    def per_connection(self) -> int:
+        current = self._tracker.current
+        if current < MEASURE_FROM:
+            return DEFAULT_PER_CONNECTION
+        return max(MIN_PER_CONNECTION, (self.rss - self.baseline) // current)
+
+    def check(self) -> None:
+        self.rss = rss = self._read_rss()
+        high = self.limit * self.watermark
+        if not self.pressure and rss > high:
+            self.pressure = True
+            self.alerts += 1
+            log.warning(
+                "memory pressure: RSS %.1f MB is above %.0f%% of the %.1f MB limit (%s); "
+                "refusing new connections",
+                rss / 1e6, self.watermark * 100, self.limit / 1e6, self.source,
+            )
+        elif self.pressure and rss < high * HYSTERESIS:
+            self.pressure = False
+            log.warning("memory pressure over: RSS %.1f MB is below the high watermark; admitting again", rss / 1e6)
+        self._tracker.memory_pressure = self.pressure
+        room = max(0.0, high - self.baseline)
+        self._tracker.memory_limit_connections = int(room // self.per_connection())
+
+    async def run(self, interval: float = 1.0) -> None:
+        while True:
+            try:
+                self.check()
+            except psutil.Error as exc:
+                log.warning("memory check failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "rss_bytes": self.rss,
+            "limit_bytes": self.limit,
+            "limit_source": self.source,
+            "high_watermark": self.watermark,
+            "usage": round(self.rss / self.limit, 4) if self.limit else 0.0,
+            "pressure": self.pressure,
+            "per_connection_bytes": self.per_connection(),
+            "baseline_rss_bytes": self.baseline,
+        }

@@ -1,0 +1,176 @@
+"""A connection's outbound path: the bounded queue between the hub and one client.
+
+Two implementations, which the hub cannot tell apart:
+
+* ``QueueOutbound``, the plain ASGI path: a bounded deque drained by one writer task per connection.
+* ``DirectOutbound``, the fast path: the WebSocket frame is built once per message per worker and
+  written straight to the connection's transport, whose write buffer is the bounded queue. It needs
+  the ``wsbroadcast.direct`` scope extension that ``workers.protocol`` offers.
+
+``offer`` never awaits and never blocks: over the bound it applies the slow-consumer policy to this
+connection alone and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.tracker import Counters
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """An unmasked, unfragmented server-to-client WebSocket text frame (RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
+class Message:
+    """One publication as it arrives in a worker: decoded and framed once, shared by every connection."""
+
+    __slots__ = ("channel", "text", "frame", "size", "arrived")
+
+    def __init__(self, channel: str, payload: bytes, arrived: float | None = None) -> None:
+        self.channel = channel
+        # Raises UnicodeDecodeError on a non-UTF-8 payload: the broker counts and drops those.
+        self.text = payload.decode()
+        self.frame = ws_text_frame(payload)
+        self.size = len(payload)
+        self.arrived = time.perf_counter() if arrived is None else arrived
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    frames: int
+    bytes: int
+    drop_oldest: bool
+
+
+class Outbound(Protocol):
+    """What the hub holds for each subscribed connection."""
+
+    def offer(self, message: Message) -> None: ...
+
+    def depth(self) -> tuple[int, int]:
+        """(frames, bytes) waiting for this client, as far as the path can tell."""
+        ...
+
+
+class QueueOutbound:
+    """The plain ASGI path: a deque bounded in frames and bytes, drained by ``run``."""
+
+    __slots__ = ("_queue", "_bytes", "_wake", "_bounds", "_counters", "_on_slow", "closed", "dropped")
+
+    def __init__(self, bounds: Bounds, counters: Counters, on_slow: Callable[[], None]) -> None:
+        self._queue: deque[Message] = deque()
+        self._bytes = 0
+        self._wake = asyncio.Event()
+        self._bounds = bounds
+        self._counters = counters
+        self._on_slow = on_slow
+        self.closed = False
+        self.dropped = 0
+
+    def offer(self, message: Message) -> None:
+        if self.closed:
+            return
+        queue, bounds = self._queue, self._bounds
+        if len(queue) >= bounds.frames or self._bytes + message.size > bounds.bytes:
+            if not bounds.drop_oldest:
+                self.closed = True
+                self._on_slow()
+                return
+            while queue and (len(queue) >= bounds.frames or self._bytes + message.size > bounds.bytes):
+                self._bytes -= queue.popleft().size
+                self._count_drop()
+            if message.size > bounds.bytes:
+                self._count_drop()
+                return
+        queue.append(message)
+        self._bytes += message.size
+        self._wake.set()
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
+        self._counters.dropped += 1
+
+    def depth(self) -> tuple[int, int]:
+        return len(self._queue), self._bytes
+
+    async def run(self, send_text: Callable[[str], Awaitable[None]]) -> None:
+        """The connection's one writer: send queued frames in order until cancelled."""
+        queue = self._queue
+        while not self.closed:
+            if not queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            message = queue.popleft()
+            self._bytes -= message.size
+            await send_text(message.text)
+            self._counters.delivered += 1
+
+
+class DirectLink(Protocol):
+    """The ``wsbroadcast.direct`` scope extension: synchronous access to one connection's transport."""
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Write a complete WebSocket frame; False when the connection is closing (nothing written)."""
+        ...
+
+    def buffered(self) -> int:
+        """Bytes in the transport's write buffer (not yet accepted by the kernel)."""
+        ...
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame now, ahead of nothing: it queues behind the bytes already buffered."""
+        ...
+
+
+class DirectOutbound:
+    """The fast path: the transport's write buffer is the queue, bounded by QUEUE_BYTES and QUEUE_SIZE.
+
+    The transport cannot tell how many frames it still holds, so ``_pending`` counts frames written
+    since the buffer was last seen empty: an upper bound of the frames waiting.
+    """
+
+    __slots__ = ("_link", "_bounds", "_counters", "_on_slow", "_pending", "closed")
+
+    def __init__(self, link: DirectLink, bounds: Bounds, counters: Counters, on_slow: Callable[[], None]) -> None:
+        self._link = link
+        self._bounds = bounds
+        self._counters = counters
+        self._on_slow = on_slow
+        self._pending = 0
+        self.closed = False
+
+    def offer(self, message: Message) -> None:
+        if self.closed:
+            return
+        link = self._link
+        buffered = link.buffered()
+        if buffered == 0:
+            self._pending = 0
+        elif buffered + len(message.frame) > self._bounds.bytes or self._pending >= self._bounds.frames:
+            self.closed = True
+            self._on_slow()
+            return
+        if link.write_frame(message.frame):
+            self._pending += 1
+            self._counters.delivered += 1
+        else:
+            self.closed = True
+
+    def depth(self) -> tuple[int, int]:
+        buffered = self._link.buffered()
+        return (self._pending if buffered else 0), buffered

@@ -1,0 +1,156 @@
+"""The per-worker connection tracker: the limit, the idle sweep, the counters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.outbound import Outbound
+
+log = logging.getLogger("wsbroadcast.tracker")
+
+CLOSE_IDLE = 4000
+CLOSE_SLOW = 4008
+
+
+@dataclass
+class Counters:
+    """Monotonic per-worker counters; plain ints because the hot path bumps them."""
+
+    accepted: int = 0
+    refused: int = 0
+    refused_memory: int = 0
+    idle_closed: int = 0
+    slow_closed: int = 0
+    delivered: int = 0
+    dropped: int = 0
+    published_http: int = 0
+    received_redis: int = 0
+    invalid_payloads: int = 0
+    bad_client_frames: int = 0
+    abuse_closed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Connection:
+    """One admitted client: its channels, outbound path and last activity."""
+
+    __slots__ = ("id", "channels", "outbound", "last_received", "close", "__weakref__")
+
+    def __init__(self, conn_id: int, close: Callable[[int, str], None]) -> None:
+        self.id = conn_id
+        self.channels: set[str] = set()
+        self.outbound: Outbound | None = None
+        self.last_received = time.monotonic()
+        # Closes the client with a code and reason without awaiting it (set by the endpoint).
+        self.close = close
+
+
+class Tracker:
+    """Counts connections, enforces MAX_CONNECTIONS and closes idle ones.
+
+    A connection is idle when it has neither sent a frame nor had a publication on any of its
+    channels for IDLE_TIMEOUT: listeners of a busy channel are not idle, and nothing per message
+    per connection is touched to know it.
+    """
+
+    def __init__(self, max_connections: int, idle_timeout: float, last_publish: Callable[[str], float]) -> None:
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self._last_publish = last_publish
+        self.connections: dict[int, Connection] = {}
+        self.peak = 0
+        self.counters = Counters()
+        self._next_id = 0
+        # Set by the memory monitor: the connection limit the memory allows, and whether new
+        # connections are refused for memory pressure.
+        self.memory_limit_connections: int | None = None
+        self.memory_pressure = False
+
+    @property
+    def current(self) -> int:
+        return len(self.connections)
+
+    @property
+    def effective_limit(self) -> int:
+        if self.memory_limit_connections is None:
+            return self.max_connections
+        return min(self.max_connections, self.memory_limit_connections)
+
+    def refusal(self) -> str | None:
+        """Why a new connection would be refused now, or None when it can be admitted."""
+        if self.memory_pressure:
+            return "memory"
+        if len(self.connections) >= self.effective_limit:
+            return "full"
+        return None
+
+    def admit(self, close: Callable[[int, str], None]) -> Connection:
+        self._next_id += 1
+        conn = Connection(self._next_id, close)
+        self.connections[conn.id] = conn
+        self.counters.accepted += 1
+        if len(self.connections) > self.peak:
+            self.peak = len(self.connections)
+        return conn
+
+    def refuse(self, reason: str) -> None:
+        self.counters.refused += 1
+        if reason == "memory":
+            self.counters.refused_memory += 1
+
+    def remove(self, conn: Connection) -> None:
+        self.connections.pop(conn.id, None)
+
+    def idle_connections(self, now: float | None = None) -> list[Connection]:
+        now = time.monotonic() if now is None else now
+        cutoff = now - self.idle_timeout
+        idle = []
+        for conn in self.connections.values():
+            last = conn.last_received
+            for channel in conn.channels:
+                last = max(last, self._last_publish(channel))
+            if last < cutoff:
+                idle.append(conn)
+        return idle
+
+    def sweep(self) -> int:
+        idle = self.idle_connections()
+        for conn in idle:
+            conn.close(CLOSE_IDLE, "idle timeout")
+        self.counters.idle_closed += len(idle)
+        if idle:
+            log.info("closed %d idle connections", len(idle))
+        return len(idle)
+
+    async def run_sweeps(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("idle sweep failed; will retry in %.0f s", interval)
+
+    def queue_depths(self) -> dict[str, int]:
+        frames_max = bytes_max = frames_total = bytes_total = 0
+        for conn in self.connections.values():
+            if conn.outbound is None:
+                continue
+            frames, nbytes = conn.outbound.depth()
+            frames_total += frames
+            bytes_total += nbytes
+            frames_max = max(frames_max, frames)
+            bytes_max = max(bytes_max, nbytes)
+        return {
+            "frames_max": frames_max,
+            "bytes_max": bytes_max,
+            "frames_total": frames_total,
+            "bytes_total": bytes_total,
+        }

@@ -1,0 +1,1 @@
+"""Process management: the gunicorn config, our worker class and our WebSocket protocol."""

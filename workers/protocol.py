@@ -1,0 +1,72 @@
+"""Our uvicorn WebSocket protocol: uvicorn's sans-I/O protocol plus the fast-path scope extension.
+
+With permessage-deflate off, a broadcast frame is byte-for-byte the same for every connection, so
+the hub builds it once and writes it to each transport through ``DirectLink`` (``write_frame``),
+with no per-connection framing, task wake-up or await. Every write here, ours and uvicorn's, is one
+synchronous ``transport.write`` of whole frames, so frames never interleave; ``write_frame``
+refuses once a close frame has been sent.
+
+Each accepted socket's kernel send buffer is capped at SEND_BUFFER_BYTES so a stalled client holds
+at most QUEUE_BYTES + SEND_BUFFER_BYTES.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from asyncio.transports import BaseTransport
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
+from websockets.protocol import State
+
+EXTENSION = "wsbroadcast.direct"
+
+log = logging.getLogger("wsbroadcast.protocol")
+
+
+class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
+    # Seconds a closing connection may take to read our close frame before it is aborted: a stalled
+    # client must not keep its buffers alive.
+    close_timeout = 5.0
+
+    def connection_made(self, transport: BaseTransport) -> None:
+        super().connection_made(transport)
+        send_buffer = getattr(self.config, "wsbroadcast_send_buffer_bytes", 0)
+        sock = transport.get_extra_info("socket")
+        if send_buffer and sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+            except OSError as exc:  # an exotic transport; the user-space bound still holds
+                log.warning("could not set SO_SNDBUF=%d: %s", send_buffer, exc)
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        # Offer the fast path only for an accepted upgrade without compression (a compressed
+        # frame differs per connection, so the ASGI path must build it).
+        if self.response.status_code == 101 and not self.conn.extensions:
+            self.scope["extensions"][EXTENSION] = {"link": self}  # type: ignore[index]
+
+    # --- DirectLink --------------------------------------------------------------------------
+
+    def write_frame(self, frame: bytes) -> bool:
+        if self.close_sent or self.disconnected or self.conn.state is not State.OPEN:
+            return False
+        self.transport.write(frame)
+        return True
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame without awaiting the client and abort if it does not answer in time."""
+        if self.close_sent or self.disconnected or self.transport.is_closing():
+            return
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)

@@ -1,0 +1,54 @@
+"""Our gunicorn worker: uvicorn's, with the WebSocket settings decided by the service.
+
+uvicorn's defaults would turn permessage-deflate on (60-140 KB and a compression pass per
+connection per frame) and pick its own ping timing; here they come from Settings, and the protocol
+is ours (``workers.protocol``), which offers the fast path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from uvicorn_worker import UvicornWorker
+
+from service.config import Settings
+
+
+class _PerConnectionFilter(logging.Filter):
+    """Drops uvicorn's and websockets' per-connection INFO lines: at thousands of clients they cost
+    more than they tell. Refusals, errors and our own counters remain."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        message = record.getMessage()
+        return not (
+            message in ("connection open", "connection closed")
+            or message.endswith("[accepted]")
+            or message.startswith("connection rejected")
+        )
+
+
+class BroadcastWorker(UvicornWorker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = Settings.from_env()
+        self.CONFIG_KWARGS = {
+            "loop": "uvloop",
+            "http": "httptools",
+            "ws": "workers.protocol:BroadcastWebSocketProtocol",
+            "ws_per_message_deflate": settings.ws_compression,
+            "ws_ping_interval": settings.ws_ping_interval or None,
+            "ws_ping_timeout": settings.ws_ping_timeout or None,
+            "ws_max_size": settings.max_message_bytes,
+            "lifespan": "on",
+            # Leave gunicorn's graceful timeout a second to reap us after our own shutdown.
+            "timeout_graceful_shutdown": max(1.0, settings.graceful_timeout - 1.0),
+        }
+        super().__init__(*args, **kwargs)
+        logging.getLogger("uvicorn.error").addFilter(_PerConnectionFilter())
+        ours = logging.getLogger("wsbroadcast")
+        ours.handlers = self.log.error_log.handlers
+        ours.setLevel(self.log.error_log.level)
+        ours.propagate = False
+        self.config.wsbroadcast_send_buffer_bytes = settings.send_buffer_bytes  # type: ignore[attr-defined]
