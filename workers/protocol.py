@@ -27,8 +27,9 @@ log = logging.getLogger("wsbroadcast.protocol")
 
 class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
     # Seconds a closing connection may take to read our close frame before it is aborted: a stalled
-    # client must not keep its buffers alive.
-    close_timeout = 5.0
+    # client must not keep its (bounded) buffers alive for ever, but one that resumes reading in time
+    # learns why it was closed (4008).
+    close_timeout = 10.0
 
     def connection_made(self, transport: BaseTransport) -> None:
         super().connection_made(transport)
