@@ -168,6 +168,17 @@ async def read_cluster(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     return workers
 
 
+def stale_after(interval: float) -> float:
+    """Age at which a heartbeat counts as late: one interval plus slack.
+
+    A fresh heartbeat is up to one interval old by design; the slack (half an interval, at least
+    1 s) absorbs the write's own latency, an event loop busy for a moment, and clock skew between
+    hosts (``ts`` is the worker's wall clock, compared with the reader's). A worker that stops
+    beating altogether leaves the report when its key expires, at three intervals.
+    """
+    return interval + max(interval / 2, 1.0)
+
+
 def summarize(workers: list[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
     """Totals over live workers and the cluster's status: failing, degraded or ok, with reasons."""
     now = time.time() if now is None else now
@@ -187,7 +198,7 @@ def summarize(workers: list[dict[str, Any]], now: float | None = None) -> dict[s
             channels[channel] = channels.get(channel, 0) + count
         age = now - w["ts"]
         w["age"] = round(age, 3)
-        if age > w["heartbeat_interval"] * 1.5:
+        if age > stale_after(w["heartbeat_interval"]):
             reasons.append(f"{name}: heartbeat {age:.1f} s old")
         if worker_limit and conns["current"] > UTILISATION_DEGRADED * worker_limit:
             reasons.append(f"{name}: {conns['current']}/{worker_limit} connections")

@@ -1,0 +1,152 @@
+"""The coordinator: every live worker's heartbeat across all hosts, summed.
+
+``scripts/health [--json] [--watch N] [--redis-url URL]`` reads ``<REDIS_PREFIX>worker:*`` through
+``service.health`` (the same code as ``GET /health/cluster``), prints a per-worker table and the
+totals, and exits 0 healthy, 1 degraded, 2 failing (no live workers, Redis unreachable, invalid
+settings), so it serves as-is as a health-check command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from service import codec, health
+from service.config import Settings, SettingsError
+from service.keys import Keys
+
+# A health check must answer quickly: a Redis that does not accept within this is unreachable.
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 5.0
+
+
+def _positive(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {raw!r}")
+    return value
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1048576:.1f}"
+
+
+def _memory_state(memory: dict[str, Any]) -> str:
+    state = "PRESSURE" if memory.get("pressure") else "ok"
+    limit = memory.get("limit_bytes")
+    if not limit:
+        return state
+    return f"{state} {memory.get('usage', 0.0) * 100:.0f}% of {_mb(limit)} MB"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human view: one row per worker, then totals, channels and the status with its reasons."""
+    totals = report["totals"]
+    if totals is None:
+        return f"{report['status']}: {'; '.join(report['reasons'])}"
+    header = ("WORKER", "STATUS", "AGE", "CONNS", "PEAK", "LIMIT", "MAX", "UTIL", "RSS MB", "MEMORY", "CHANNELS")
+    rows = [header]
+    for w in report["workers"]:
+        conns, memory = w["connections"], w["memory"]
+        limit = conns.get("effective_limit", conns["limit"])
+        rows.append((
+            w["worker"]["id"],
+            w["status"],
+            f"{w.get('age', 0.0):.1f}s",
+            str(conns["current"]),
+            str(conns["peak"]),
+            str(limit),
+            str(conns["limit"]),
+            f"{conns['current'] / limit * 100:.1f}%" if limit else "-",
+            _mb(memory["rss_bytes"]),
+            _memory_state(memory),
+            str(len(w["subscriptions"])),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    hosts = totals["hosts"]
+    lines.append("")
+    lines.append(
+        f"workers {totals['workers']} on {hosts} host{'s' if hosts != 1 else ''} · connections "
+        f"{totals['connections']} of {totals['limit']} ({totals['utilisation'] * 100:.1f}%) · "
+        f"RSS {_mb(totals['rss_bytes'])} MB"
+    )
+    channels = totals["channels"]
+    lines.append("channels: " + (" · ".join(f"{name} {n}" for name, n in channels.items()) or "none"))
+    status = report["status"]
+    lines.append(f"status: {status}" + (": " + "; ".join(report["reasons"]) if report["reasons"] else ""))
+    return "\n".join(lines)
+
+
+def _emit(report: dict[str, Any], as_json: bool, clear: bool) -> None:
+    if as_json:
+        print(codec.dumps(report).decode(), flush=True)
+        return
+    if report["totals"] is None:
+        # Redis unreachable: the one-line reason, on stderr like any failure to get an answer.
+        print(f"health: {format_report(report)}", file=sys.stderr, flush=True)
+        return
+    if clear:
+        print("\x1b[H\x1b[2J", end="")
+    print(time.strftime("%Y-%m-%d %H:%M:%S"), flush=False)
+    print(format_report(report), flush=True)
+
+
+async def _run(redis: Redis, keys: Keys, args: argparse.Namespace, last: list[int]) -> None:
+    clear = args.watch is not None and not args.json and sys.stdout.isatty()
+    try:
+        while True:
+            report = await health.cluster_report(redis, keys)
+            last[0] = health.EXIT_CODES[report["status"]]
+            _emit(report, args.json, clear)
+            if args.watch is None:
+                return
+            await asyncio.sleep(args.watch)
+    finally:
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/health", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON document (one per refresh with --watch)")
+    parser.add_argument("--watch", type=_positive, metavar="N", help="refresh every N seconds until interrupted")
+    parser.add_argument("--redis-url", help="default: $REDIS_URL")
+    args = parser.parse_args(argv)
+    env = dict(os.environ)
+    if args.redis_url:
+        env["REDIS_URL"] = args.redis_url
+    try:
+        settings = Settings.from_env(env)
+    except SettingsError as exc:
+        print(f"health: invalid setting: {exc}", file=sys.stderr)
+        return health.EXIT_CODES[health.FAILING]
+    try:
+        # No retries: redis-py would otherwise back off and retry, and a health check must not hang.
+        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=CONNECT_TIMEOUT,
+                               socket_timeout=READ_TIMEOUT, retry=Retry(NoBackoff(), 0))
+    except ValueError as exc:
+        # The URL itself may hold a password: name the problem, not the value.
+        print(f"health: invalid setting: REDIS_URL is not a usable Redis URL: {exc}", file=sys.stderr)
+        return health.EXIT_CODES[health.FAILING]
+    last = [health.EXIT_CODES[health.FAILING]]
+    try:
+        asyncio.run(_run(redis, Keys(settings.redis_prefix), args, last))
+    except KeyboardInterrupt:
+        pass  # --watch ends here; the exit code is the last report's
+    return last[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
