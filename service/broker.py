@@ -72,6 +72,10 @@ class Broker:
         self._task: asyncio.Task[None] | None = None
         self._canary_task: asyncio.Task[None] | None = None
         self._restart = asyncio.Event()
+        self._restart_reason = ""
+        # When the current listener connection was opened (None between attempts): a connection
+        # whose SUBSCRIBE is never confirmed is as deaf as one that stops delivering.
+        self._attempt_started: float | None = None
         self.connected = False
         self.down_since: float | None = time.monotonic()
         self.reconnects = 0
@@ -167,18 +171,20 @@ class Broker:
             conn: Connection | None = None
             sender: asyncio.Task[None] | None = None
             try:
-                conn = await self.pool.get_connection()
+                conn = await self.pool.get_connection()  # type: ignore[no-untyped-call]
                 self._sent.clear()
                 self._confirmed.clear()
                 self._dirty.set()
                 self._restart.clear()
                 sender = asyncio.create_task(self._send_forever(conn), name="broker-subscriber")
+                self._attempt_started = time.monotonic()
                 await self._read_forever(conn, sender)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, RuntimeError) as exc:
                 self._mark_down(str(exc) or type(exc).__name__)
             finally:
+                self._attempt_started = None
                 if sender is not None:
                     sender.cancel()
                 if conn is not None:
@@ -202,7 +208,7 @@ class Broker:
         for task in (reader, sender):
             if task in done:
                 task.result()  # re-raise the connection error
-        self._mark_down("listener restarted: canary missed")
+        self._mark_down(f"listener restarted: {self._restart_reason}")
 
     async def _read_loop(self, conn: Connection) -> None:
         handle = self._handle
@@ -282,6 +288,10 @@ class Broker:
             await asyncio.sleep(self._settings.canary_interval)
             if not self.connected:
                 self._canary_pending = None
+                started = self._attempt_started
+                if started is not None and time.monotonic() - started >= 2 * self._settings.canary_interval:
+                    self._restart_reason = "subscription not confirmed by Redis"
+                    self._restart.set()
                 continue
             if self._canary_pending is not None:
                 self.canary_misses += 1
@@ -289,6 +299,7 @@ class Broker:
                     log.warning("canary missed: the pub/sub listener is not delivering; restarting it")
                 self.canary_ok = False
                 self._canary_pending = None
+                self._restart_reason = "canary missed"
                 self._restart.set()
                 continue
             number += 1

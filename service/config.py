@@ -92,7 +92,7 @@ _SECRETS = frozenset({"redis_url", "publish_token", "connect_secret"})
 class Settings:
     port: int = 8000
     web_concurrency: int = 2
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     redis_prefix: str = "broadcast:"
     redis_pool_size: int = 10
     redis_pool_timeout: float = 5.0
@@ -107,6 +107,7 @@ class Settings:
     stats_log_interval: float = 60.0
     max_message_bytes: int = 65536
     ws_compression: bool = False
+    fast_path: bool = True
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
     default_channel: str = "broadcast"
@@ -188,6 +189,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "stats_log_interval": _float(1),
     "max_message_bytes": _int(128, 64 * 1024 * 1024),
     "ws_compression": _bool,
+    "fast_path": _bool,
     "ws_ping_interval": _float(0),
     "ws_ping_timeout": _float(0),
     "default_channel": _channel,

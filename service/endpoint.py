@@ -36,7 +36,7 @@ SUBSCRIBE_CONFIRM_TIMEOUT = 5.0
 class _RateLimit:
     """A token bucket: ``rate`` frames per second with bursts of ``burst``."""
 
-    __slots__ = ("rate", "burst", "tokens", "stamp")
+    __slots__ = ("burst", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
@@ -94,7 +94,7 @@ class _Session:
         bounds = Bounds(settings.queue_size, settings.queue_bytes, settings.slow_consumer_policy == "drop-oldest")
         # drop-oldest needs a queue it can drop from; bytes already framed into a transport
         # buffer cannot be taken back, so that policy always takes the ASGI path.
-        if self.link is not None and not bounds.drop_oldest:
+        if self.link is not None and settings.fast_path and not bounds.drop_oldest:
             self.conn.outbound = DirectOutbound(self.link, bounds, service.tracker.counters, self._slow)
         else:
             self.conn.outbound = QueueOutbound(bounds, service.tracker.counters, self._slow)

@@ -69,6 +69,7 @@ def worker_stats(service: Service) -> dict[str, Any]:
             "peak": tracker.peak,
             "limit": settings.max_connections,
             "effective_limit": tracker.effective_limit,
+            "paths": tracker.paths(),
         },
         "subscriptions": service.hub.channels(),
         "queues": {

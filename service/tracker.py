@@ -42,7 +42,7 @@ class Counters:
 class Connection:
     """One admitted client: its channels, outbound path and last activity."""
 
-    __slots__ = ("id", "channels", "outbound", "last_received", "close", "__weakref__")
+    __slots__ = ("__weakref__", "channels", "close", "id", "last_received", "outbound")
 
     def __init__(self, conn_id: int, close: Callable[[int, str], None]) -> None:
         self.id = conn_id
@@ -137,6 +137,11 @@ class Tracker:
                 self.sweep()
             except Exception:
                 log.exception("idle sweep failed; will retry in %.0f s", interval)
+
+    def paths(self) -> dict[str, int]:
+        """Connections per outbound path: ``direct`` (frame-once fast path) or ``queue`` (ASGI)."""
+        direct = sum(1 for c in self.connections.values() if type(c.outbound).__name__ == "DirectOutbound")
+        return {"direct": direct, "queue": len(self.connections) - direct}
 
     def queue_depths(self) -> dict[str, int]:
         frames_max = bytes_max = frames_total = bytes_total = 0

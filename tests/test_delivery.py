@@ -8,18 +8,20 @@ from collections.abc import Iterator
 import orjson
 import pytest
 import redis
+from websockets.asyncio.client import ClientConnection
 
 from scripts.redis_server import PrivateRedis
 from tests.support import Service, recv_json, subscribe_client, wait_until, worker_of
 
 
-@pytest.fixture(scope="module")
-def service(redis_server: PrivateRedis) -> Iterator[Service]:
-    with Service(redis_server.url, workers=2) as svc:
+@pytest.fixture(scope="module", params=["fast-path", "asgi-path"])
+def service(request: pytest.FixtureRequest, redis_server: PrivateRedis) -> Iterator[Service]:
+    """The same behaviour on both outbound paths: frame-once direct writes and the ASGI queue."""
+    with Service(redis_server.url, workers=2, fast_path=int(request.param == "fast-path")) as svc:
         yield svc
 
 
-async def _clients_on_both_workers(service: Service, channels: str, minimum: int = 6) -> list:
+async def _clients_on_both_workers(service: Service, channels: str, minimum: int = 6) -> list[ClientConnection]:
     clients = []
     for _ in range(200):
         clients.append(await subscribe_client(service, channels))
@@ -49,13 +51,31 @@ async def test_every_client_gets_every_frame_once_in_order(service: Service, red
         await ws.close()
 
 
+async def test_frames_of_every_header_size_arrive_intact(service: Service, redis_server: PrivateRedis) -> None:
+    ws = await subscribe_client(service, "sizes")
+    paths = service.get("/health").json()["connections"]["paths"]
+    fast = service.env["FAST_PATH"] == "1"
+    # Each worker answering /health holds 0 or 1 client here; whichever holds it used the right path.
+    assert paths["direct" if not fast else "queue"] == 0, paths
+    raw = redis.Redis.from_url(redis_server.url)
+    overhead = len(orjson.dumps({"channel": "sizes", "data": ""}))
+    # 7-bit, 16-bit and 64-bit WebSocket payload lengths, at and around each boundary.
+    for total in (overhead, 125, 126, 127, 65535, 65536):
+        frame = orjson.dumps({"channel": "sizes", "data": "x" * (total - overhead)})
+        assert len(frame) == total
+        raw.publish(f"{service.prefix}sizes", frame)
+        assert await asyncio.wait_for(ws.recv(decode=False), 5) == frame
+    raw.close()
+    await ws.close()
+
+
 async def test_runtime_subscribe_and_unsubscribe_follow_local_listeners(
     service: Service, redis_server: PrivateRedis
 ) -> None:
     raw = redis.Redis.from_url(redis_server.url)
 
     def redis_channels() -> set[str]:
-        return {c.decode() for c in raw.pubsub_channels(f"{service.prefix}room*")}
+        return {c.decode() if isinstance(c, bytes) else c for c in raw.pubsub_channels(f"{service.prefix}room*")}
 
     ws = await subscribe_client(service, "lobby")
     assert redis_channels() == set()

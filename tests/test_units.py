@@ -1,0 +1,124 @@
+"""Pure units: settings parsing, WebSocket framing, the bounded queue, the idle rule."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
+
+from service.config import Settings, SettingsError
+from service.outbound import Bounds, Message, QueueOutbound, ws_text_frame
+from service.tracker import Counters, Tracker
+
+
+def test_defaults_match_the_design() -> None:
+    s = Settings.from_env({})
+    assert (s.port, s.web_concurrency, s.redis_pool_size, s.max_connections) == (8000, 2, 10, 5000)
+    assert (s.queue_size, s.queue_bytes, s.send_buffer_bytes) == (1000, 1048576, 262144)
+    assert (s.slow_consumer_policy, s.idle_timeout, s.cleanup_interval) == ("disconnect", 900, 300)
+    assert (s.heartbeat_interval, s.max_message_bytes, s.ws_compression) == (5, 65536, False)
+    assert s.default_channel == "broadcast" and s.redis_prefix == "broadcast:"
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"QUEUE_SIZE": "0"}, "QUEUE_SIZE='0' is invalid: expected an integer >= 1"),
+        ({"WS_COMPRESSION": "maybe"}, "WS_COMPRESSION='maybe' is invalid: expected one of 1, 0"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL='http://x' is invalid"),
+        ({"DEFAULT_CHANNEL": "a b"}, "DEFAULT_CHANNEL='a b' is invalid"),
+        ({"IDLE_TIMEOUT": "10", "CLEANUP_INTERVAL": "20"}, "CLEANUP_INTERVAL=20 is invalid"),
+        ({"ALLOWED_ORIGINS": "example.com"}, "ALLOWED_ORIGINS='example.com' is invalid"),
+    ],
+)
+def test_invalid_settings_name_variable_value_and_what_is_allowed(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env(env)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_public_settings_hide_secrets() -> None:
+    s = Settings.from_env({"PUBLISH_TOKEN": "s3cret", "REDIS_URL": "redis://:pw@h:1/0", "CONNECT_SECRET": "k"})
+    text = repr(s.public()) + repr(s)
+    assert "s3cret" not in text and "pw@" not in text and "'k'" not in text
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_frame_built_once_parses_as_a_websocket_text_frame(size: int) -> None:
+    payload = ("é" * (size // 2) + "x" * (size % 2)).encode()
+    reader = StreamReader()
+    reader.feed_data(ws_text_frame(payload))
+    reader.feed_eof()
+    parser = Frame.parse(reader.read_exact, mask=False)
+    try:
+        next(parser)
+        raise AssertionError("parser wanted more bytes")
+    except StopIteration as done:
+        frame = done.value
+    assert frame.opcode is Opcode.TEXT and frame.fin
+    assert bytes(frame.data) == payload
+
+
+def test_message_rejects_non_utf8() -> None:
+    with pytest.raises(UnicodeDecodeError):
+        Message("c", b"\xff\xfe")
+
+
+async def _queue(policy_drop_oldest: bool, frames: int = 3, nbytes: int = 1024) -> tuple[QueueOutbound, list[int]]:
+    slow: list[int] = []
+    queue = QueueOutbound(Bounds(frames, nbytes, policy_drop_oldest), Counters(), lambda: slow.append(1))
+    return queue, slow
+
+
+async def test_queue_bound_in_frames_disconnects() -> None:
+    queue, slow = await _queue(False)
+    for i in range(3):
+        queue.offer(Message("c", b'"%d"' % i))
+    assert slow == [] and queue.depth() == (3, 9)
+    queue.offer(Message("c", b'"3"'))
+    assert slow == [1] and queue.closed
+    queue.offer(Message("c", b'"4"'))  # nothing after closing
+    assert queue.depth() == (3, 9)
+
+
+async def test_queue_bound_in_bytes_drops_oldest() -> None:
+    counters = Counters()
+    queue = QueueOutbound(Bounds(100, 1024, True), counters, lambda: None)
+    big = b'"' + b"x" * 400 + b'"'
+    for _ in range(3):
+        queue.offer(Message("c", big))
+    assert queue.depth() == (2, 804) and counters.dropped == 1 and queue.dropped == 1
+    queue.offer(Message("c", b'"' + b"y" * 2000 + b'"'))  # larger than the whole bound: dropped itself
+    assert queue.depth() == (0, 0) and counters.dropped == 4
+
+
+async def test_queue_writer_sends_in_order() -> None:
+    queue, _ = await _queue(False, frames=10)
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    task = asyncio.create_task(queue.run(send))
+    for i in range(5):
+        queue.offer(Message("c", b"%d" % i))
+    for _ in range(50):
+        if len(sent) == 5:
+            break
+        await asyncio.sleep(0)
+    task.cancel()
+    assert sent == ["0", "1", "2", "3", "4"]
+
+
+def test_idle_rule_counts_publications_on_the_clients_channels() -> None:
+    last = {"busy": 100.0}
+    tracker = Tracker(10, idle_timeout=10, last_publish=lambda c: last.get(c, 0.0))
+    quiet = tracker.admit(lambda code, reason: None)
+    listener = tracker.admit(lambda code, reason: None)
+    quiet.last_received = listener.last_received = 50.0
+    listener.channels.add("busy")
+    assert tracker.idle_connections(now=105.0) == [quiet]
+    assert tracker.idle_connections(now=115.0) == [quiet, listener]
