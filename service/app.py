@@ -1,7 +1,8 @@
 """The ASGI application: ``create_app(settings)`` and the lifespan that wires the parts.
 
-Start-up builds, in order: tracker, hub, broker (pool + listener), memory monitor, heartbeat;
-shutdown tears them down in reverse. HTTP routes: POST /publish, GET /health, GET /health/cluster.
+Start-up builds, in order: tracker, hub, broker (pool + listener), memory monitor, metrics,
+heartbeat; shutdown tears them down in reverse. HTTP routes: POST /publish, GET /health,
+GET /health/cluster, GET /metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio.to_thread
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,6 +30,8 @@ from service.gate import Gate
 from service.hub import Hub
 from service.keys import Keys
 from service.memory import MemoryMonitor
+from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from service.metrics import Metrics
 from service.tracker import Tracker
 
 log = logging.getLogger("wsbroadcast.app")
@@ -52,6 +56,8 @@ class Service:
         self.tracker = Tracker(settings.max_connections, settings.idle_timeout, self.hub.last_publish)
         self.broker = Broker(settings, self.keys, self.worker_id, self._on_message)
         self.memory = MemoryMonitor(settings, self.tracker)
+        self.metrics = Metrics(self)
+        self.hub.on_fanout = self.metrics.observe_fanout
         self.heartbeat = health.Heartbeat(self)
         self._invalid_logged = False
 
@@ -88,6 +94,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(service.tracker.run_sweeps(service.settings.cleanup_interval), name="idle-sweep"),
         asyncio.create_task(service.memory.run(), name="memory"),
+        asyncio.create_task(service.metrics.run(), name="metrics"),
         asyncio.create_task(service.heartbeat.run(), name="heartbeat"),
     ]
     log.info("worker %s started: %s", service.worker_name, service.settings.public())
@@ -160,6 +167,14 @@ async def cluster_health(request: Request) -> Response:
     return _JSON(doc, status_code=503 if doc["status"] == health.FAILING else 200)
 
 
+async def metrics(request: Request) -> Response:
+    service: Service = request.app.state.service
+    service.metrics.sync()  # this worker's figures fresh; the others' are at most a second old
+    # Reading every worker's file is blocking I/O: keep it off the event loop.
+    body = await anyio.to_thread.run_sync(service.metrics.render)
+    return Response(body, media_type=METRICS_CONTENT_TYPE)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = Settings.from_env() if settings is None else settings
     app = Starlette(
@@ -168,6 +183,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/publish", publish, methods=["POST"]),
             Route("/health", worker_health),
             Route("/health/cluster", cluster_health),
+            Route("/metrics", metrics),
         ],
         lifespan=_lifespan,
     )

@@ -29,26 +29,19 @@ MEASURE_FROM = 50  # connections needed before the measured per-connection figur
 
 
 def cgroup_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
-    """The memory limit of this process's cgroup in bytes, or None when there is none."""
+    """The memory limit of this process's cgroup in bytes, or None when there is none.
+
+    The tightest limit on the way from the process's cgroup up to the root counts: a limit set
+    on a parent (a pod, a slice) binds its children even when theirs say "max". Walking up also
+    finds the limit when the container sees its own cgroup mounted as the root while
+    /proc/self/cgroup still names the host's path. When a cgroup v1 line names the memory
+    controller (v1 or hybrid hosts), v1 owns memory and the v2 tree has no memory files.
+    """
     v2, v1 = _cgroup_paths(proc_cgroup)
-    candidates = []
-    if v2 is not None:
-        candidates += [root / v2.lstrip("/") / "memory.max", root / "memory.max"]
     if v1 is not None:
-        candidates += [root / "memory" / v1.lstrip("/") / "memory.limit_in_bytes"]
-    candidates.append(root / "memory" / "memory.limit_in_bytes")
-    for path in candidates:
-        try:
-            raw = path.read_text().strip()
-        except OSError:
-            continue
-        if raw == "max":
-            return None
-        try:
-            value = int(raw)
-        except ValueError:
-            continue
-        return None if value >= _UNLIMITED else value
+        return _tightest(root / "memory", v1, "memory.limit_in_bytes")
+    if v2 is not None:
+        return _tightest(root, v2, "memory.max")
     return None
 
 
@@ -69,16 +62,41 @@ def _cgroup_paths(proc_cgroup: Path) -> tuple[str | None, str | None]:
     return v2, v1
 
 
+def _tightest(mount: Path, cgroup: str, filename: str) -> int | None:
+    parts = [p for p in cgroup.split("/") if p]
+    limit: int | None = None
+    for depth in range(len(parts), -1, -1):
+        value = _read_limit(mount.joinpath(*parts[:depth]) / filename)
+        if value is not None and (limit is None or value < limit):
+            limit = value
+    return limit
+
+
+def _read_limit(path: Path) -> int | None:
+    """A limit file's value in bytes; None for "max", the v1 unlimited figure, or no such file."""
+    try:
+        raw = path.read_text().strip()
+    except OSError:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        return None  # "max": no limit at this level
+    return None if value >= _UNLIMITED else value
+
+
 def detect_limit(settings: Settings, root: Path = Path("/sys/fs/cgroup"),
                  proc_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[int, str]:
     """(bytes this worker may use, where the figure comes from)."""
     if settings.memory_limit:
         return settings.memory_limit, "MEMORY_LIMIT"
     workers = max(1, settings.web_concurrency)
+    ram = int(psutil.virtual_memory().total)
     limit = cgroup_limit(root, proc_cgroup)
-    if limit is not None:
+    # A cgroup limit above the host's RAM (a generous pod spec) cannot be reached: RAM binds first.
+    if limit is not None and limit < ram:
         return limit // workers, f"cgroup / {workers} workers"
-    return int(psutil.virtual_memory().total) // workers, f"host RAM / {workers} workers"
+    return ram // workers, f"host RAM / {workers} workers"
 
 
 class MemoryMonitor:
@@ -104,6 +122,10 @@ class MemoryMonitor:
 
     def check(self) -> None:
         self.rss = rss = self._read_rss()
+        if self._tracker.current == 0:
+            # What no connection accounts for (the event loop, Redis, pages the allocator kept
+            # after a crowd left): per-connection memory is measured above it.
+            self.baseline = rss
         high = self.limit * self.watermark
         if not self.pressure and rss > high:
             self.pressure = True
@@ -126,6 +148,9 @@ class MemoryMonitor:
                 self.check()
             except psutil.Error as exc:
                 log.warning("memory check failed: %s", exc)
+            except Exception:
+                # Admission depends on this loop: it must outlive any one bad check.
+                log.exception("memory check failed; will retry in %.0f s", interval)
             await asyncio.sleep(interval)
 
     def stats(self) -> dict[str, Any]:

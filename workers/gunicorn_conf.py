@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from service.config import Settings, SettingsError  # noqa: E402
+from service.config import Settings, SettingsError
+from workers import metrics_dir
 
 try:
     _settings = Settings.from_env()
 except SettingsError as exc:
     print(f"wsbroadcast: invalid setting: {exc}", file=sys.stderr)
     sys.exit(2)
+
+# Before any worker forks: every worker inherits the directory of the host's metric files.
+_metrics_dir = metrics_dir.prepare(_settings.port)
 
 bind = [f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{_settings.port}"]
 workers = _settings.web_concurrency
@@ -32,3 +37,17 @@ accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 proc_name = f"wsbroadcast:{_settings.port}"
+
+
+def on_starting(server: Any) -> None:
+    removed = metrics_dir.wipe()
+    server.log.info("metrics: multiprocess files in %s (%d stale files removed)", _metrics_dir, removed)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    # A dead worker's live gauges (connections, RSS...) must leave the host's sums.
+    metrics_dir.worker_exited(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    metrics_dir.remove_owned()
