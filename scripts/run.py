@@ -53,10 +53,12 @@ wsbroadcast: {env['WEB_CONCURRENCY']} workers on port {port}, Redis: {where}
 """,
         flush=True,
     )
-    server = subprocess.Popen(procfile_web(), cwd=ROOT, env=env)
+    # Its own session: Ctrl-C reaches only this process, which asks gunicorn for a graceful stop
+    # (SIGTERM: clients get close 1012, heartbeats are deleted) instead of a quick one.
+    server = subprocess.Popen(procfile_web(), cwd=ROOT, env=env, start_new_session=True)
 
     def forward(signum: int, _frame: object) -> None:
-        server.send_signal(signum)
+        server.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)

@@ -135,7 +135,8 @@ class Settings:
                 values[name] = parse(raw)
             except ValueError:
                 allowed = (parse.__doc__ or "").strip()
-                raise SettingsError(f"{name.upper()}={raw!r} is invalid: expected {allowed}") from None
+                shown = _shown(name, raw)
+                raise SettingsError(f"{name.upper()}={shown} is invalid: expected {allowed}") from None
         settings = cls(**values)
         if settings.cleanup_interval > settings.idle_timeout:
             raise SettingsError(
@@ -151,6 +152,15 @@ class Settings:
             out[name] = "(set)" if out[name] else "(unset)"
         out["allowed_origins"] = list(self.allowed_origins)
         return out
+
+
+def _shown(name: str, raw: str) -> str:
+    """The value as an error message may show it: secrets hidden, a URL's password masked."""
+    if name in ("publish_token", "connect_secret"):
+        return "(hidden)"
+    if name == "redis_url":
+        raw = re.sub(r"://([^@/]*)@", "://***@", raw)
+    return repr(raw)
 
 
 def _redis_url(raw: str) -> str:

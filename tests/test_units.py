@@ -28,6 +28,7 @@ def test_defaults_match_the_design() -> None:
         ({"QUEUE_SIZE": "0"}, "QUEUE_SIZE='0' is invalid: expected an integer >= 1"),
         ({"WS_COMPRESSION": "maybe"}, "WS_COMPRESSION='maybe' is invalid: expected one of 1, 0"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL='http://x' is invalid"),
+        ({"REDIS_URL": "tcp://user:pw@x"}, "REDIS_URL='tcp://***@x' is invalid"),
         ({"DEFAULT_CHANNEL": "a b"}, "DEFAULT_CHANNEL='a b' is invalid"),
         ({"IDLE_TIMEOUT": "10", "CLEANUP_INTERVAL": "20"}, "CLEANUP_INTERVAL=20 is invalid"),
         ({"ALLOWED_ORIGINS": "example.com"}, "ALLOWED_ORIGINS='example.com' is invalid"),

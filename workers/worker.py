@@ -7,9 +7,14 @@ is ours (``workers.protocol``), which offers the fast path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import sys
 from typing import Any
 
+from gunicorn.arbiter import Arbiter
+from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from service.config import Settings
@@ -52,3 +57,15 @@ class BroadcastWorker(UvicornWorker):
         ours.setLevel(self.log.error_log.level)
         ours.propagate = False
         self.config.wsbroadcast_send_buffer_bytes = settings.send_buffer_bytes  # type: ignore[attr-defined]
+
+    async def _serve(self) -> None:
+        # As uvicorn_worker's, but gunicorn's quick shutdown (SIGQUIT, sent on SIGINT to the master)
+        # reaches uvicorn's server: the base class's handler only flips a flag nothing reads, so
+        # workers sat out the graceful timeout and were SIGKILLed.
+        self.config.app = self.wsgi
+        server = Server(config=self.config)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGQUIT, None)
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
