@@ -35,7 +35,7 @@ class _PerConnectionFilter(logging.Filter):
         )
 
 
-class BroadcastWorker(UvicornWorker):
+class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker ships no type information
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         settings = Settings.from_env()
         self.CONFIG_KWARGS = {
