@@ -460,6 +460,9 @@ class _Clients:
         for pipe in self.pipes:
             loop.add_reader(pipe.fileno(), self._readable, pipe)
 
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
+
     def _readable(self, pipe: Pipe) -> None:
         try:
             ident, result = pipe.recv()
@@ -789,6 +792,29 @@ class Run:
         # Sequence numbers never repeat within a run, so a frame is never mistaken for another step's.
         self.seq = 0
 
+    def _own_cpu(self) -> float:
+        """CPU seconds of every process this test runs: server (master too), clients, Redis, us."""
+        pids = [*self.clients.pids(), os.getpid()]
+        if self.target.master is not None:
+            pids.append(self.target.master)
+        if self.redis is not None and self.redis.process is not None:
+            pids.append(self.redis.process.pid)
+        total = 0.0
+        for proc in [*self.target.workers(), *(self._proc(pid) for pid in pids)]:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system + times.children_user + times.children_system
+        return total
+
+    def _proc(self, pid: int) -> psutil.Process:
+        return self.target._procs.setdefault(pid, psutil.Process(pid))
+
+    @staticmethod
+    def _busy() -> float:
+        """CPU seconds the whole machine spent busy (every core, every process, the kernel)."""
+        times = psutil.cpu_times()
+        return float(sum(times)) - times.idle - getattr(times, "iowait", 0.0)
+
     async def connect(self, n: int, stall: int = 0) -> dict[str, Any]:
         parts = _split(n, len(self.clients.pipes))
         stalls = _split(stall, len(self.clients.pipes))
@@ -879,8 +905,10 @@ class Run:
         samples: list[dict[str, Any]] = []
         progress = asyncio.create_task(self._progress(label, stop, samples))
         cpu0, pids0 = self.target.cpu()
+        own0, busy0 = self._own_cpu(), self._busy()
         wall0 = time.monotonic()
         psutil.cpu_percent()
+        profilers = self._profile(label, seconds)
         side: asyncio.Task[None] | None = asyncio.create_task(during()) if during is not None else None
         try:
             published = await publisher.run(rate, count, size)
@@ -895,7 +923,10 @@ class Run:
             await publisher.close()
         machine = psutil.cpu_percent()
         cpu1, pids1 = self.target.cpu()
+        own1, busy1 = self._own_cpu(), self._busy()
         wall = time.monotonic() - wall0
+        for profiler in profilers:
+            profiler.wait(30)
         stats = await self.clients.all("stats", lo=published.lo, hi=published.hi, per_seq=per_seq)
         hist: Counter[int] = Counter()
         for s in stats:
@@ -930,8 +961,15 @@ class Run:
             "client_loop_lag_ms": round(max(s["lag"] for s in stats) * 1000, 1),
             "publisher_behind_ms": round(published.max_behind * 1000, 1),
             "machine_cpu_percent": machine,
+            # Work on this machine by processes outside the test (other jobs): it competes for the cores.
+            "other_processes_cores": round(max(0.0, (busy1 - busy0) - (own1 - own0)) / wall, 2),
             "wall_s": round(wall, 2),
         }
+        if machine >= 95:
+            result["machine_saturated"] = (
+                f"the machine's {os.cpu_count()} cores were {machine:.0f}% busy (other processes: "
+                f"{result['other_processes_cores']} cores): latency includes waiting for a core"
+            )
         saturated = []
         # Per-second samples while publishing: a client busy for a second is saturated even when the
         # whole step's average (drain included) looks fine.
@@ -952,11 +990,30 @@ class Run:
                                                                                   strict=True)]
             result["_per_seq"] = (published, counts, firsts, fast)
         lat = result["latency_ms"]
+        if result.get("machine_saturated"):
+            _log(f"{self.tag} {label}: MACHINE SATURATED: {result['machine_saturated']}")
         _log(f"{self.tag} {label}: delivered {result['delivered_fraction']} of {expected}  "
              f"p50 {lat['p50']} ms p99 {lat['p99']} ms max {lat['max']} ms  "
              f"server {result['server_cpu_us_per_delivery']} us/delivery"
              + (f"  CLIENT SATURATED: {'; '.join(saturated)}" if saturated else ""))
         return result
+
+    def _profile(self, label: str, seconds: float) -> list[subprocess.Popen[bytes]]:
+        """With --profile DIR: py-spy samples each worker for the step (collapsed stacks, one file each)."""
+        if not self.args.profile:
+            return []
+        out = Path(self.args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        spy = Path(sys.executable).parent / "py-spy"
+        procs = []
+        for worker in self.target.workers():
+            name = f"{self.target.name}-{label.replace(' ', '-').replace('/', '')}-{worker.pid}.txt"
+            procs.append(subprocess.Popen(
+                [str(spy), "record", "--pid", str(worker.pid), "--duration", str(max(1, int(seconds))),
+                 "--rate", "250", "--nonblocking", "--format", "raw", "--output", str(out / name)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+        return procs
 
     # --- the scenarios -------------------------------------------------------------------------
 
@@ -1147,6 +1204,8 @@ def _rows(result: dict[str, Any]) -> Iterator[tuple[str, str]]:
     if fanout:
         for step in fanout["steps"]:
             tag = " (CLIENT SATURATED)" if step["client_saturated"] else ""
+            if step.get("machine_saturated"):
+                tag += f" (MACHINE SATURATED; other processes {step['other_processes_cores']} cores)"
             lat = step["latency_ms"]
             yield (f"fanout {step['rate']:g}/s x {step['subscribers']} subs",
                    f"{_fmt(step['server_cpu_us_per_delivery'])} us/delivery, delivered "
@@ -1217,6 +1276,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--restart-subscribers", type=int, default=200)
     parser.add_argument("--restart-rate", type=float, default=100.0, help="msg/s during redis-restart")
     parser.add_argument("--outage", type=float, default=1.0, help="seconds Redis stays down")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="py-spy every worker during each step into DIR (inflates server CPU: not for figures)")
     parser.add_argument("--json", metavar="PATH", help="write every figure as JSON ('-' for stdout)")
     args = parser.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",") if r]
