@@ -53,6 +53,7 @@ class Gate:
     def __init__(self, settings: Settings) -> None:
         self._origins = frozenset(settings.allowed_origins)
         self._secret = settings.connect_secret
+        self._default = settings.default_channel
 
     async def check(self, ws: WebSocket) -> tuple[int, str] | None:
         """None to admit, else (HTTP status, reason) to refuse the handshake."""
@@ -68,7 +69,15 @@ class Gate:
             if not token:
                 return 401, "a connect token is required (query parameter token=)"
             try:
-                ws.scope["wsbroadcast.allowed_channels"] = verify_token(self._secret, token)
+                allowed = verify_token(self._secret, token)
             except TokenError as exc:
                 return 403, str(exc)
+            # The channels asked for at connect are checked here too, so a token that does not
+            # cover them is refused before accept; later subscribe ops get an error frame instead.
+            if "*" not in allowed:
+                raw = ws.query_params.get("channels")
+                for name in [self._default] if raw is None else raw.split(","):
+                    if name and name not in allowed:
+                        return 403, f"the token does not allow channel {name[:128]!r}"
+            ws.scope["wsbroadcast.allowed_channels"] = allowed
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import sys
 from typing import Any
@@ -25,6 +26,9 @@ class _PerConnectionFilter(logging.Filter):
     more than they tell. Refusals, errors and our own counters remain."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "token=" in a for a in record.args):
+            # uvicorn logs refused handshakes with their query string: a connect token is a credential.
+            record.args = tuple(_TOKEN_RE.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
         if record.levelno > logging.INFO:
             return True
         message = record.getMessage()
@@ -33,6 +37,9 @@ class _PerConnectionFilter(logging.Filter):
             or message.endswith("[accepted]")
             or message.startswith("connection rejected")
         )
+
+
+_TOKEN_RE = re.compile(r"([?&]token=)[^&\s]*")
 
 
 class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker ships no type information
