@@ -95,6 +95,11 @@ class Metrics:
             name: Counter(f"wsbroadcast_{name}", text, labels, registry=r)
             for name, (text, labels) in _COUNTER_HELP.items()
         }
+        for name, labels in _COUNTERS.values():
+            if labels:
+                # Every known label value shows from the start (at 0), so rate() and alerts see
+                # a series before its first event.
+                self._counters[name].labels(*labels)
         self._last: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self.fanout_latency = Histogram(
             "wsbroadcast_fanout_latency_seconds",
