@@ -1235,6 +1235,66 @@ def _rows(result: dict[str, Any]) -> Iterator[tuple[str, str]]:
                f"{restart['connections_before']} -> {restart['connections_after']}")
 
 
+def _step_at(result: dict[str, Any], rate: float) -> dict[str, Any] | None:
+    steps: list[dict[str, Any]] = (result.get("fanout") or {}).get("steps", [])
+    return next((step for step in steps if step["rate"] == rate), None)
+
+
+def _issue_rows(result: dict[str, Any]) -> dict[str, str]:
+    """Issue 6's table, one cell per figure, for one target."""
+    cells: dict[str, str] = {}
+    for rate in (20.0, 50.0):
+        step = _step_at(result, rate)
+        if step is not None:
+            flag = " (client saturated)" if step["client_saturated"] else ""
+            cells[f"server CPU per delivery, {step['subscribers']} subs x {rate:g} msg/s"] = (
+                f"{_fmt(step['server_cpu_us_per_delivery'])} us{flag}")
+    step = _step_at(result, 20.0)
+    if step is not None:
+        cells["p99 latency at 20 msg/s"] = f"{step['latency_ms']['p99']} ms (p50 {step['latency_ms']['p50']})"
+    fanout = result.get("fanout")
+    if fanout:
+        last = fanout["steps"][-1] if fanout["steps"] else None
+        why = ""
+        if last is not None and not last.get("pass"):
+            failed = f"delivered {last['delivered_fraction']}, p99 {last['latency_ms']['p99']} ms"
+            why = f" ({last['rate']:g} msg/s: " + ("client saturated" if last["client_saturated"] else failed) + ")"
+        cells["highest rate with >= 99.9% delivered and p99 < 200 ms"] = (
+            _fmt(fanout["highest_rate_passing"], " msg/s") + why)
+    idle = result.get("idle")
+    if idle:
+        cells[f"RSS per idle connection ({idle['connected']})"] = f"{_fmt(idle['kb_per_connection'])} KB"
+        given = idle["given_back_fraction"]
+        cells["memory given back after close"] = "n/a" if given is None else f"{given * 100:.0f}%"
+    slow = result.get("slow")
+    if slow:
+        fast = slow["fast"]
+        counters = slow.get("server_counters") or {}
+        closed = f", server slow_closed {counters['slow_closed']}" if "slow_closed" in counters else ""
+        cells["slow clients: stalled ones"] = f"{slow['stalled_outcomes']}{closed}"
+        cells["slow clients: RSS growth"] = f"{slow['rss_growth_mb']} MB (kernel send queue peak " \
+                                            f"{slow['send_queue_peak_mb']} MB)"
+        cells["slow clients: fast ones"] = f"{_fmt(fast['delivered_fraction'])} delivered, p99 " \
+                                           f"{fast['latency_ms']['p99']} ms"
+    restart = result.get("redis-restart")
+    if restart and "skipped" not in restart:
+        cells["Redis restart: deliveries resume after Redis is back"] = _fmt(restart["resume_s"], " s") \
+            if restart["resume_s"] is not None else "never"
+        cells["Redis restart: frames lost"] = f"{restart['frames_lost']} of {restart['published_ok']} published"
+    return cells
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    """The figures side by side, as a Markdown table."""
+    names = list(results)
+    cells = {name: _issue_rows(result) for name, result in results.items()}
+    rows = list(dict.fromkeys(row for name in names for row in cells[name]))
+    print("\n| figure | " + " | ".join(names) + " |")
+    print("| --- |" + " --- |" * len(names))
+    for row in rows:
+        print(f"| {row} | " + " | ".join(cells[name].get(row, "") for name in names) + " |")
+
+
 def print_summary(results: dict[str, dict[str, Any]]) -> None:
     for name, result in results.items():
         print(f"\n== {name}")
@@ -1353,6 +1413,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     print_summary(results)
+    print_table(results)
     if args.json:
         text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
         if args.json == "-":
