@@ -52,7 +52,7 @@ class Service:
         self.worker_name = f"{self.worker_id[0]}:{self.worker_id[1]}"
         self.started_at = time.time()
         self.gate = Gate(settings)
-        self.hub = Hub(on_first=self._on_first, on_last=self._on_last)
+        self.hub = Hub(self._on_first, self._on_last, settings.queue_size, settings.queue_bytes)
         self.tracker = Tracker(settings.max_connections, settings.idle_timeout, self.hub.last_publish)
         self.broker = Broker(settings, self.keys, self.worker_id, self._on_message)
         self.memory = MemoryMonitor(settings, self.tracker)

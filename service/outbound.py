@@ -36,16 +36,22 @@ def ws_text_frame(payload: bytes) -> bytes:
 
 
 class Message:
-    """One publication as it arrives in a worker: decoded and framed once, shared by every connection."""
+    """Publications on one channel as they reach a worker, decoded and framed once, shared by every
+    connection. Usually one; several when they arrived together (see ``Hub``), so that each
+    connection gets them in one write."""
 
-    __slots__ = ("channel", "text", "frame", "size", "arrived")
+    __slots__ = ("arrived", "channel", "count", "frame", "size", "texts")
 
-    def __init__(self, channel: str, payload: bytes, arrived: float | None = None) -> None:
+    def __init__(self, channel: str, payloads: bytes | list[bytes], arrived: float | None = None,
+                 texts: list[str] | None = None) -> None:
+        if isinstance(payloads, bytes):
+            payloads = [payloads]
         self.channel = channel
-        # Raises UnicodeDecodeError on a non-UTF-8 payload: the broker counts and drops those.
-        self.text = payload.decode()
-        self.frame = ws_text_frame(payload)
-        self.size = len(payload)
+        # Raises UnicodeDecodeError on a non-UTF-8 payload: the service counts and drops those.
+        self.texts = texts if texts is not None else [p.decode() for p in payloads]
+        self.frame = b"".join([ws_text_frame(p) for p in payloads])
+        self.size = sum(len(p) for p in payloads)
+        self.count = len(payloads)
         self.arrived = time.perf_counter() if arrived is None else arrived
 
 
@@ -69,10 +75,11 @@ class Outbound(Protocol):
 class QueueOutbound:
     """The plain ASGI path: a deque bounded in frames and bytes, drained by ``run``."""
 
-    __slots__ = ("_queue", "_bytes", "_wake", "_bounds", "_counters", "_on_slow", "closed", "dropped")
+    __slots__ = ("_bounds", "_bytes", "_counters", "_frames", "_on_slow", "_queue", "_wake", "closed", "dropped")
 
     def __init__(self, bounds: Bounds, counters: Counters, on_slow: Callable[[], None]) -> None:
         self._queue: deque[Message] = deque()
+        self._frames = 0
         self._bytes = 0
         self._wake = asyncio.Event()
         self._bounds = bounds
@@ -85,27 +92,32 @@ class QueueOutbound:
         if self.closed:
             return
         queue, bounds = self._queue, self._bounds
-        if len(queue) >= bounds.frames or self._bytes + message.size > bounds.bytes:
+        if self._frames + message.count > bounds.frames or self._bytes + message.size > bounds.bytes:
             if not bounds.drop_oldest:
                 self.closed = True
                 self._on_slow()
                 return
-            while queue and (len(queue) >= bounds.frames or self._bytes + message.size > bounds.bytes):
-                self._bytes -= queue.popleft().size
-                self._count_drop()
-            if message.size > bounds.bytes:
-                self._count_drop()
+            while queue and (
+                self._frames + message.count > bounds.frames or self._bytes + message.size > bounds.bytes
+            ):
+                oldest = queue.popleft()
+                self._frames -= oldest.count
+                self._bytes -= oldest.size
+                self._count_drop(oldest.count)
+            if message.count > bounds.frames or message.size > bounds.bytes:
+                self._count_drop(message.count)
                 return
         queue.append(message)
+        self._frames += message.count
         self._bytes += message.size
         self._wake.set()
 
-    def _count_drop(self) -> None:
-        self.dropped += 1
-        self._counters.dropped += 1
+    def _count_drop(self, frames: int) -> None:
+        self.dropped += frames
+        self._counters.dropped += frames
 
     def depth(self) -> tuple[int, int]:
-        return len(self._queue), self._bytes
+        return self._frames, self._bytes
 
     async def run(self, send_text: Callable[[str], Awaitable[None]]) -> None:
         """The connection's one writer: send queued frames in order until cancelled."""
@@ -116,9 +128,11 @@ class QueueOutbound:
                 await self._wake.wait()
                 continue
             message = queue.popleft()
+            self._frames -= message.count
             self._bytes -= message.size
-            await send_text(message.text)
-            self._counters.delivered += 1
+            for text in message.texts:
+                await send_text(text)
+            self._counters.delivered += message.count
 
 
 class DirectLink(Protocol):
@@ -144,7 +158,7 @@ class DirectOutbound:
     since the buffer was last seen empty: an upper bound of the frames waiting.
     """
 
-    __slots__ = ("_link", "_bounds", "_counters", "_on_slow", "_pending", "closed")
+    __slots__ = ("_bounds", "_counters", "_link", "_on_slow", "_pending", "closed")
 
     def __init__(self, link: DirectLink, bounds: Bounds, counters: Counters, on_slow: Callable[[], None]) -> None:
         self._link = link
@@ -166,8 +180,8 @@ class DirectOutbound:
             self._on_slow()
             return
         if link.write_frame(message.frame):
-            self._pending += 1
-            self._counters.delivered += 1
+            self._pending += message.count
+            self._counters.delivered += message.count
         else:
             self.closed = True
 

@@ -123,3 +123,38 @@ def test_idle_rule_counts_publications_on_the_clients_channels() -> None:
     listener.channels.add("busy")
     assert tracker.idle_connections(now=105.0) == [quiet]
     assert tracker.idle_connections(now=115.0) == [quiet, listener]
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    def offer(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def depth(self) -> tuple[int, int]:
+        return 0, 0
+
+
+async def test_hub_batches_what_arrives_together_and_flushes_on_the_next_iteration() -> None:
+    from service.hub import Hub
+
+    firsts: list[str] = []
+    hub = Hub(firsts.append, lambda c: None, queue_frames=8, queue_bytes=1 << 20)  # batches of at most 2
+    out = _Collect()
+    hub.add("c", out)
+    assert firsts == ["c"]
+    assert hub.publish("c", b'"a"') == 1
+    assert out.messages == []  # waits only for the loop to turn
+    await asyncio.sleep(0)
+    assert [m.texts for m in out.messages] == [['"a"']]
+    for text in (b'"b"', b'"c"', b'"d"'):
+        hub.publish("c", text)
+    assert [m.texts for m in out.messages[1:]] == [['"b"', '"c"']]  # flushed early at the batch bound
+    await asyncio.sleep(0)
+    assert [m.texts for m in out.messages[1:]] == [['"b"', '"c"'], ['"d"']]
+    assert out.messages[1].frame == ws_text_frame(b'"b"') + ws_text_frame(b'"c"')
+    assert out.messages[1].count == 2
+    assert hub.publish("nobody", b"1") == 0
+    with pytest.raises(UnicodeDecodeError):
+        hub.publish("c", b"\xff")
