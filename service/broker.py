@@ -31,7 +31,10 @@ from service.keys import Keys
 log = logging.getLogger("wsbroadcast.broker")
 
 BACKOFF_START = 0.05
-BACKOFF_CAP = 0.2
+# The cap bounds how late deliveries resume once Redis is back (target 0.2 s): measured 0.11-0.20 s
+# after Redis answered with a 0.2 s cap, 0.02-0.11 s with 0.1 s. A refused connect every 0.1 s per
+# worker while Redis is down costs next to nothing.
+BACKOFF_CAP = 0.1
 
 
 class RedisUnavailable(Exception):
@@ -278,6 +281,9 @@ class Broker:
             self.down_since = time.monotonic()
         self.connected = False
         self.last_error = reason
+        # A canary in flight went out with the old connection: waiting for it after a quick
+        # reconnect would count a miss that is not one, and restart a healthy listener.
+        self._canary_pending = None
 
     # --- the canary -----------------------------------------------------------------------------
 

@@ -252,6 +252,13 @@ async def test_redis_restart_keeps_connections_and_resumes_delivery(own_redis: P
         await resumed_within(recorders, time.monotonic())  # flowing before the fault
 
         await asyncio.to_thread(own_redis.stop)
+
+        def all_degraded() -> list[dict[str, Any]] | None:
+            docs = health_docs(service, 6)
+            return docs if all(d["status"] == "degraded" for d in docs) else None
+
+        # Each worker notices the loss when its listener reads EOF, a moment after Redis exits.
+        await asyncio.to_thread(wait_until, all_degraded, 10, 0.05, "/health degraded")
         down_docs = await asyncio.to_thread(health_docs, service)
         assert all(d["http_status"] == 200 and d["status"] == "degraded" for d in down_docs), down_docs
         assert all(any("Redis pub/sub disconnected" in r for r in d["reasons"]) for d in down_docs)
