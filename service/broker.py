@@ -70,6 +70,8 @@ class Broker:
         self._wanted: set[str] = {self._canary_channel}
         self._sent: set[str] = set()
         self._confirmed: set[str] = set()
+        # Commands sent per channel and not answered yet: only the reply to the last one counts.
+        self._unacked: dict[str, int] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -177,6 +179,7 @@ class Broker:
                 conn = await self.pool.get_connection()  # type: ignore[no-untyped-call]
                 self._sent.clear()
                 self._confirmed.clear()
+                self._unacked.clear()
                 self._dirty.set()
                 self._restart.clear()
                 sender = asyncio.create_task(self._send_forever(conn), name="broker-subscriber")
@@ -186,12 +189,21 @@ class Broker:
                 raise
             except (RedisError, OSError, RuntimeError) as exc:
                 self._mark_down(str(exc) or type(exc).__name__)
+            except Exception as exc:
+                # Anything else would end the listener for good: log it and reconnect.
+                log.exception("pub/sub listener failed")
+                self._mark_down(f"listener error: {exc!r}")
             finally:
                 self._attempt_started = None
                 if sender is not None:
                     sender.cancel()
                 if conn is not None:
-                    await conn.disconnect()
+                    # nowait: a connection that stopped reading must not stall (or, by raising
+                    # from here, end) the listener.
+                    try:
+                        await conn.disconnect(nowait=True)
+                    except Exception as exc:
+                        log.debug("pub/sub connection disconnect failed: %r", exc)
                     await self.pool.release(conn)
             if self._ups != ups_before:
                 backoff = BACKOFF_START
@@ -224,11 +236,16 @@ class Broker:
             self._dirty.clear()
             subscribe = sorted(self._wanted - self._sent)
             unsubscribe = sorted(self._sent - self._wanted)
+            for channel in subscribe + unsubscribe:
+                self._unacked[channel] = self._unacked.get(channel, 0) + 1
             if subscribe:
                 self._sent.update(subscribe)
                 await conn.send_command("SUBSCRIBE", *subscribe)
             if unsubscribe:
                 self._sent.difference_update(unsubscribe)
+                # Not confirmed from now on: a listener arriving before the reply must wait for
+                # the SUBSCRIBE that will follow, not trust the subscription being torn down.
+                self._confirmed.difference_update(unsubscribe)
                 await conn.send_command("UNSUBSCRIBE", *unsubscribe)
 
     def _handle(self, response: Any) -> None:
@@ -243,6 +260,8 @@ class Broker:
             name = self._keys.channel_name(channel_bytes)
             if name is not None:
                 self._on_message(name, payload)
+        elif kind in (b"subscribe", b"unsubscribe") and self._superseded(response[1].decode()):
+            return
         elif kind == b"subscribe":
             channel = response[1].decode()
             self._confirmed.add(channel)
@@ -253,6 +272,15 @@ class Broker:
                     future.set_result(None)
         elif kind == b"unsubscribe":
             self._confirmed.discard(response[1].decode())
+
+    def _superseded(self, channel: str) -> bool:
+        """True for a reply that a later SUBSCRIBE/UNSUBSCRIBE of the same channel supersedes."""
+        left = self._unacked.get(channel, 1) - 1
+        if left > 0:
+            self._unacked[channel] = left
+            return True
+        self._unacked.pop(channel, None)
+        return False
 
     def _mark_up(self) -> None:
         if not self.connected:
@@ -288,18 +316,24 @@ class Broker:
     # --- the canary -----------------------------------------------------------------------------
 
     async def _canary_forever(self) -> None:
-        """Publish a numbered canary each interval; one not back by the next interval is a miss."""
+        """Publish a numbered canary each interval; one not back within two intervals is a miss."""
         number = 0
+        sent_at = 0.0
+        interval = self._settings.canary_interval
         while True:
-            await asyncio.sleep(self._settings.canary_interval)
+            await asyncio.sleep(interval)
             if not self.connected:
                 self._canary_pending = None
                 started = self._attempt_started
-                if started is not None and time.monotonic() - started >= 2 * self._settings.canary_interval:
+                if started is not None and time.monotonic() - started >= 2 * interval:
                     self._restart_reason = "subscription not confirmed by Redis"
                     self._restart.set()
                 continue
             if self._canary_pending is not None:
+                if time.monotonic() - sent_at < 2 * interval:
+                    # Late is not lost: a worker busy for one interval must not restart a healthy
+                    # listener (the restart itself would drop the publications of the gap).
+                    continue
                 self.canary_misses += 1
                 if self.canary_ok:
                     log.warning("canary missed: the pub/sub listener is not delivering; restarting it")
@@ -315,6 +349,7 @@ class Broker:
                 await self.redis.publish(self._canary_channel, token)
             except (RedisError, OSError):
                 self._canary_pending = None
+            sent_at = time.monotonic()
 
     def _canary_received(self, token: bytes) -> None:
         if token != self._canary_pending:
