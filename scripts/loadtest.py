@@ -810,10 +810,15 @@ class Run:
         return self.target._procs.setdefault(pid, psutil.Process(pid))
 
     @staticmethod
-    def _busy() -> float:
-        """CPU seconds the whole machine spent busy (every core, every process, the kernel)."""
+    def _busy() -> tuple[float, float]:
+        """(CPU seconds the whole machine spent busy, of which in interrupts and softirqs).
+
+        Where the kernel accounts IRQ time separately, the loopback network path that a server's
+        send() runs in softirq context is charged to no process: it is reported on its own.
+        """
         times = psutil.cpu_times()
-        return float(sum(times)) - times.idle - getattr(times, "iowait", 0.0)
+        irq = getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
+        return float(sum(times)) - times.idle - getattr(times, "iowait", 0.0), irq
 
     async def connect(self, n: int, stall: int = 0) -> dict[str, Any]:
         parts = _split(n, len(self.clients.pipes))
@@ -876,7 +881,8 @@ class Run:
             cpu = " ".join(f"{s['cpu'] * 100:.0f}%" for s in states)
             lag = max(s["lag"] for s in states) * 1000
             _log(f"{self.tag} {label} {now - started:5.1f} s  deliveries {rate / 1000:7.1f}k/s  "
-                 f"client cpu {cpu}  loop lag {lag:.0f} ms  machine {psutil.cpu_percent():.0f}%")
+                 f"client cpu {cpu}  loop lag {lag:.0f} ms  machine {psutil.cpu_percent():.0f}%  "
+                 f"load {os.getloadavg()[0]:.2f}")
 
     async def _drain(self, expected: int, quiet: float = 1.0, limit: float = 5.0) -> None:
         """Wait for late frames: until all expected arrived, nothing came for ``quiet`` s, or ``limit``."""
@@ -907,7 +913,6 @@ class Run:
         cpu0, pids0 = self.target.cpu()
         own0, busy0 = self._own_cpu(), self._busy()
         wall0 = time.monotonic()
-        psutil.cpu_percent()
         profilers = self._profile(label, seconds)
         side: asyncio.Task[None] | None = asyncio.create_task(during()) if during is not None else None
         try:
@@ -921,10 +926,11 @@ class Run:
             stop.set()
             await progress
             await publisher.close()
-        machine = psutil.cpu_percent()
         cpu1, pids1 = self.target.cpu()
         own1, busy1 = self._own_cpu(), self._busy()
         wall = time.monotonic() - wall0
+        busy, irq = busy1[0] - busy0[0], busy1[1] - busy0[1]
+        machine = round(busy / (wall * (os.cpu_count() or 1)) * 100, 1)
         for profiler in profilers:
             profiler.wait(30)
         stats = await self.clients.all("stats", lo=published.lo, hi=published.hi, per_seq=per_seq)
@@ -961,8 +967,12 @@ class Run:
             "client_loop_lag_ms": round(max(s["lag"] for s in stats) * 1000, 1),
             "publisher_behind_ms": round(published.max_behind * 1000, 1),
             "machine_cpu_percent": machine,
+            "test_processes_cores": round((own1 - own0) / wall, 2),
             # Work on this machine by processes outside the test (other jobs): it competes for the cores.
-            "other_processes_cores": round(max(0.0, (busy1 - busy0) - (own1 - own0)) / wall, 2),
+            "other_processes_cores": round(max(0.0, busy - irq - (own1 - own0)) / wall, 2),
+            "irq_softirq_cores": round(irq / wall, 2),
+            # The loopback TCP path (both ends) runs in softirq, charged to no process here.
+            "irq_softirq_us_per_delivery": round(irq / delivered * 1e6, 2) if delivered else None,
             "wall_s": round(wall, 2),
         }
         if machine >= 95:
