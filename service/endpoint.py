@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from starlette.responses import PlainTextResponse
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service import codec
 from service.config import CHANNEL_RE
@@ -31,6 +31,8 @@ CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
 MAX_ERRORS = 10
 SUBSCRIBE_CONFIRM_TIMEOUT = 5.0
+# How a send or receive fails once the client is gone or the connection is closed under us.
+_GONE = (OSError, RuntimeError, WebSocketDisconnect)
 
 
 class _RateLimit:
@@ -83,7 +85,9 @@ class _Session:
     def __init__(self, service: Service, ws: WebSocket) -> None:
         self.service = service
         self.ws = ws
-        self.link: Any = ws.scope.get("extensions", {}).get(DIRECT_EXTENSION, {}).get("link")
+        extension = ws.scope.get("extensions", {}).get(DIRECT_EXTENSION, {})
+        self.link: Any = extension.get("link")
+        direct = bool(extension.get("direct", True))
         self.conn: Connection = service.tracker.admit(self.close)
         self.writer: asyncio.Task[None] | None = None
         self.errors = 0
@@ -94,7 +98,7 @@ class _Session:
         bounds = Bounds(settings.queue_size, settings.queue_bytes, settings.slow_consumer_policy == "drop-oldest")
         # drop-oldest needs a queue it can drop from; bytes already framed into a transport
         # buffer cannot be taken back, so that policy always takes the ASGI path.
-        if self.link is not None and settings.fast_path and not bounds.drop_oldest:
+        if self.link is not None and direct and settings.fast_path and not bounds.drop_oldest:
             self.conn.outbound = DirectOutbound(self.link, bounds, service.tracker.counters, self._slow)
         else:
             self.conn.outbound = QueueOutbound(bounds, service.tracker.counters, self._slow)
@@ -104,12 +108,13 @@ class _Session:
         try:
             await self.ws.accept(headers=[(b"x-wsbroadcast-worker", service.worker_name.encode())])
             if isinstance(self.conn.outbound, QueueOutbound):
-                self.writer = asyncio.create_task(self.conn.outbound.run(self.ws.send_text))
+                self.writer = asyncio.create_task(self._write(self.conn.outbound))
             if not await self._initial_channels():
                 return
             await self._read_loop()
-        except (OSError, RuntimeError) as exc:
-            # The client went away mid-send (uvicorn raises ClientDisconnected, an OSError).
+        except _GONE as exc:
+            # The client went away mid-send (uvicorn's ClientDisconnected, which starlette turns
+            # into WebSocketDisconnect) or the connection was closed under us.
             log.debug("connection %d ended: %r", self.conn.id, exc)
         finally:
             for channel in self.conn.channels:
@@ -118,6 +123,12 @@ class _Session:
             service.tracker.remove(self.conn)
             if self.writer is not None:
                 self.writer.cancel()
+
+    async def _write(self, queue: QueueOutbound) -> None:
+        try:
+            await queue.run(self.ws.send_text)
+        except _GONE as exc:
+            log.debug("writer of connection %d ended: %r", self.conn.id, exc)
 
     async def _initial_channels(self) -> bool:
         raw = self.ws.query_params.get("channels")
@@ -136,8 +147,13 @@ class _Session:
             if not self._may_subscribe(name):
                 await self._fail("forbidden_channel", f"the token does not allow channel {name!r}")
                 return False
+        # Registered at once and confirmed together: with Redis down, N channels wait one
+        # timeout, not N.
         for name in names:
-            await self._subscribe(name)
+            self._register(name)
+        confirmed = await asyncio.gather(*(self._confirm(name) for name in names))
+        for name, _ in zip(names, confirmed, strict=True):
+            await self.ws.send_text(codec.control("subscribed", channel=name))
         return True
 
     async def _read_loop(self) -> None:
@@ -194,13 +210,21 @@ class _Session:
         return self.allowed is None or channel in self.allowed or "*" in self.allowed
 
     async def _subscribe(self, channel: str) -> None:
+        self._register(channel)
+        await self._confirm(channel)
+        await self.ws.send_text(codec.control("subscribed", channel=channel))
+
+    def _register(self, channel: str) -> None:
         self.conn.channels.add(channel)
         self.service.hub.add(channel, self.conn.outbound)  # type: ignore[arg-type]
+
+    async def _confirm(self, channel: str) -> bool:
         # The ack means "publications from now on reach you": wait for Redis to confirm. While
         # Redis is down the subscription stays registered and is restored on reconnect.
-        if not await self.service.broker.confirmed(channel, SUBSCRIBE_CONFIRM_TIMEOUT):
-            log.warning("subscription to %r not confirmed by Redis within %.0f s", channel, SUBSCRIBE_CONFIRM_TIMEOUT)
-        await self.ws.send_text(codec.control("subscribed", channel=channel))
+        if await self.service.broker.confirmed(channel, SUBSCRIBE_CONFIRM_TIMEOUT):
+            return True
+        log.warning("subscription to %r not confirmed by Redis within %.0f s", channel, SUBSCRIBE_CONFIRM_TIMEOUT)
+        return False
 
     async def _error(self, code: str, detail: str) -> None:
         self.errors += 1
@@ -214,13 +238,16 @@ class _Session:
         self.close(CLOSE_POLICY, detail[:120])
 
     def _slow(self) -> None:
-        self.service.tracker.counters.slow_closed += 1
-        self.close(CLOSE_SLOW, "slow consumer")
+        if self.close(CLOSE_SLOW, "slow consumer"):
+            self.service.tracker.counters.slow_closed += 1
 
-    def close(self, code: int, reason: str) -> None:
-        """Close this client without awaiting it: safe to call from fan-out and the idle sweep."""
+    def close(self, code: int, reason: str) -> bool:
+        """Close this client without awaiting it: safe to call from fan-out and the idle sweep.
+
+        True when this call started the close; False when it was already closing.
+        """
         if self.closing:
-            return
+            return False
         self.closing = True
         if self.writer is not None:
             self.writer.cancel()
@@ -228,9 +255,10 @@ class _Session:
             self.link.close(code, reason)
         else:
             asyncio.get_running_loop().create_task(self._close_asgi(code, reason))
+        return True
 
     async def _close_asgi(self, code: int, reason: str) -> None:
         try:
             await asyncio.wait_for(self.ws.close(code, reason), timeout=5.0)
-        except (TimeoutError, OSError, RuntimeError) as exc:
+        except (TimeoutError, *_GONE) as exc:
             log.debug("close of connection %d failed: %r", self.conn.id, exc)

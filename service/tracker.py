@@ -44,12 +44,13 @@ class Connection:
 
     __slots__ = ("__weakref__", "channels", "close", "id", "last_received", "outbound")
 
-    def __init__(self, conn_id: int, close: Callable[[int, str], None]) -> None:
+    def __init__(self, conn_id: int, close: Callable[[int, str], bool]) -> None:
         self.id = conn_id
         self.channels: set[str] = set()
         self.outbound: Outbound | None = None
         self.last_received = time.monotonic()
-        # Closes the client with a code and reason without awaiting it (set by the endpoint).
+        # Closes the client with a code and reason without awaiting it (set by the endpoint);
+        # returns False when the connection was already closing.
         self.close = close
 
 
@@ -92,7 +93,7 @@ class Tracker:
             return "full"
         return None
 
-    def admit(self, close: Callable[[int, str], None]) -> Connection:
+    def admit(self, close: Callable[[int, str], bool]) -> Connection:
         self._next_id += 1
         conn = Connection(self._next_id, close)
         self.connections[conn.id] = conn
@@ -123,12 +124,12 @@ class Tracker:
 
     def sweep(self) -> int:
         idle = self.idle_connections()
-        for conn in idle:
-            conn.close(CLOSE_IDLE, "idle timeout")
-        self.counters.idle_closed += len(idle)
-        if idle:
-            log.info("closed %d idle connections", len(idle))
-        return len(idle)
+        # Only closes this sweep started count: one already closing stays listed until it is gone.
+        closed = sum(1 for conn in idle if conn.close(CLOSE_IDLE, "idle timeout"))
+        self.counters.idle_closed += closed
+        if closed:
+            log.info("closed %d idle connections", closed)
+        return closed
 
     async def run_sweeps(self, interval: float) -> None:
         while True:

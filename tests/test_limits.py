@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import socket
 import subprocess
@@ -90,14 +91,15 @@ async def _stall_and_publish(service: Service, policy_check: str) -> tuple[Clien
     sock.connect(("127.0.0.1", service.port))
     slow = await service.connect("?channels=feed", max_queue=1, sock=sock)
     assert await recv_json(slow) == {"op": "subscribed", "channel": "feed"}
-    payload = "x" * 2048
+    # Random payloads: permessage-deflate must not shrink the backlog away.
+    pads = [base64.b64encode(os.urandom(1536)).decode() for _ in range(400)]
     received: list[int] = []
     raw = aioredis.Redis.from_url(service.redis_url)
     # Publish in batches and let the reading client catch up after each: it never lags more than
     # one batch, however loaded the machine, while the stalled client falls further behind.
     for batch in range(20):
         for seq in range(batch * 20, batch * 20 + 20):
-            frame = orjson.dumps({"channel": "feed", "data": {"seq": seq, "pad": payload}})
+            frame = orjson.dumps({"channel": "feed", "data": {"seq": seq, "pad": pads[seq]}})
             assert await raw.publish(f"{service.prefix}feed", frame) >= 1
         while len(received) < batch * 20 + 20:
             received.append((await recv_json(fast, timeout=20))["data"]["seq"])
@@ -107,21 +109,39 @@ async def _stall_and_publish(service: Service, policy_check: str) -> tuple[Clien
     return fast, slow, sent
 
 
-@pytest.mark.parametrize("fast_path", [1, 0], ids=["fast-path", "asgi-path"])
+@pytest.mark.parametrize(
+    ("fast_path", "compression"), [(1, 0), (0, 0), (1, 1)], ids=["fast-path", "asgi-path", "compressed"]
+)
 async def test_slow_consumer_is_closed_with_4008_and_others_unaffected(
-    redis_server: PrivateRedis, fast_path: int
+    redis_server: PrivateRedis, fast_path: int, compression: int
 ) -> None:
+    # Compressed connections take the ASGI path whatever FAST_PATH says; they must be closed too.
     with Service(
-        redis_server.url, workers=1, queue_bytes=65536, send_buffer_bytes=16384, queue_size=1000, fast_path=fast_path
+        redis_server.url,
+        workers=1,
+        queue_bytes=65536,
+        send_buffer_bytes=16384,
+        queue_size=1000,
+        fast_path=fast_path,
+        ws_compression=compression,
     ) as service:
         fast, slow, _ = await _stall_and_publish(service, "disconnect")
+        # Unregistered while it still reads nothing: a client that never reads again must not
+        # keep its slot, whichever path it is on.
+        health = await asyncio.to_thread(
+            wait_until,
+            lambda: (h := service.get("/health").json())["connections"]["current"] == 1 and h,
+            10,
+            0.05,
+            "the stalled client to be unregistered",
+        )
+        assert health["counters"]["slow_closed"] == 1
         with pytest.raises(ConnectionClosed):
             for _ in range(1000):
                 await asyncio.wait_for(slow.recv(), 10)  # drain what was buffered, then the close
         assert slow.close_code == 4008
-        health = service.get("/health").json()
-        assert health["counters"]["slow_closed"] == 1
-        assert health["connections"]["current"] == 1
+        paths = service.get("/health").json()["connections"]["paths"]
+        assert paths == ({"direct": 1, "queue": 0} if fast_path and not compression else {"direct": 0, "queue": 1})
         await fast.close()
 
 

@@ -43,10 +43,15 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
-        # Offer the fast path only for an accepted upgrade without compression (a compressed
-        # frame differs per connection, so the ASGI path must build it).
-        if self.response.status_code == 101 and not self.conn.extensions:
-            self.scope["extensions"][EXTENSION] = {"link": self}  # type: ignore[index]
+        # The link is offered on every accepted upgrade, so that any connection can be closed
+        # without awaiting its client (the abort timer bounds a stalled one); writing frames
+        # through it ("direct") only without compression: a compressed frame differs per
+        # connection, so the ASGI path must build it.
+        if self.response.status_code == 101:
+            self.scope["extensions"][EXTENSION] = {  # type: ignore[index]
+                "link": self,
+                "direct": not self.conn.extensions,
+            }
 
     # --- DirectLink --------------------------------------------------------------------------
 
