@@ -154,37 +154,58 @@ class DirectLink(Protocol):
 class DirectOutbound:
     """The fast path: the transport's write buffer is the queue, bounded by QUEUE_BYTES and QUEUE_SIZE.
 
-    The transport cannot tell how many frames it still holds, so ``_pending`` counts frames written
-    since the buffer was last seen empty: an upper bound of the frames waiting.
+    The transport only tells how many bytes it holds, so frames are counted from byte offsets: each
+    write that stays (partly) buffered is remembered by the offset where it ends in the stream of
+    bytes written; once the transport holds fewer bytes than were written after that offset, the
+    write has left for the kernel. A client that keeps up never has anything remembered.
     """
 
-    __slots__ = ("_bounds", "_counters", "_link", "_on_slow", "_pending", "closed")
+    __slots__ = ("_bounds", "_counters", "_link", "_on_slow", "_queued", "_waiting", "_written", "closed")
 
     def __init__(self, link: DirectLink, bounds: Bounds, counters: Counters, on_slow: Callable[[], None]) -> None:
         self._link = link
         self._bounds = bounds
         self._counters = counters
         self._on_slow = on_slow
-        self._pending = 0
+        self._written = 0  # bytes written to the transport, ever
+        self._waiting: deque[tuple[int, int]] = deque()  # (end offset, frames) of buffered writes
+        self._queued = 0  # frames in _waiting
         self.closed = False
+
+    def _settle(self, buffered: int) -> None:
+        """Forget the writes the transport has handed to the kernel."""
+        waiting = self._waiting
+        flushed = self._written - buffered
+        while waiting and waiting[0][0] <= flushed:
+            self._queued -= waiting.popleft()[1]
 
     def offer(self, message: Message) -> None:
         if self.closed:
             return
         link = self._link
+        frame = message.frame
         buffered = link.buffered()
-        if buffered == 0:
-            self._pending = 0
-        elif buffered + len(message.frame) > self._bounds.bytes or self._pending >= self._bounds.frames:
+        if buffered:
+            self._settle(buffered)
+            if buffered + len(frame) > self._bounds.bytes or self._queued + message.count > self._bounds.frames:
+                self.closed = True
+                self._on_slow()
+                return
+        elif self._waiting:
+            self._waiting.clear()
+            self._queued = 0
+        if not link.write_frame(frame):
             self.closed = True
-            self._on_slow()
             return
-        if link.write_frame(message.frame):
-            self._pending += message.count
-            self._counters.delivered += message.count
-        else:
-            self.closed = True
+        self._written += len(frame)
+        self._counters.delivered += message.count
+        if buffered or link.buffered():
+            self._waiting.append((self._written, message.count))
+            self._queued += message.count
 
     def depth(self) -> tuple[int, int]:
         buffered = self._link.buffered()
-        return (self._pending if buffered else 0), buffered
+        if not buffered:
+            return 0, 0
+        self._settle(buffered)
+        return self._queued, buffered

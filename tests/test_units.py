@@ -158,3 +158,66 @@ async def test_hub_batches_what_arrives_together_and_flushes_on_the_next_iterati
     assert hub.publish("nobody", b"1") == 0
     with pytest.raises(UnicodeDecodeError):
         hub.publish("c", b"\xff")
+
+
+class _Link:
+    """A transport stand-in whose kernel accepts ``room`` bytes, then buffers the rest in user space."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.buffer = 0
+        self.closed_with: int | None = None
+
+    def write_frame(self, frame: bytes) -> bool:
+        taken = 0 if self.buffer else min(self.room, len(frame))
+        self.room -= taken
+        self.buffer += len(frame) - taken
+        return True
+
+    def buffered(self) -> int:
+        return self.buffer
+
+    def drain(self, nbytes: int) -> None:
+        self.buffer = max(0, self.buffer - nbytes)
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed_with = code
+
+
+def test_direct_path_counts_frames_still_buffered_not_frames_ever_written() -> None:
+    from service.outbound import DirectOutbound
+
+    slow: list[int] = []
+    link = _Link(room=0)
+    out = DirectOutbound(link, Bounds(frames=4, bytes=1 << 20, drop_oldest=False), Counters(), lambda: slow.append(1))
+    frame = Message("c", b'"0123456789"')
+    # A client that keeps up, with the buffer never quite empty: never more than 2 frames wait.
+    for _ in range(100):
+        out.offer(frame)
+        out.offer(frame)
+        link.drain(len(frame.frame) + 1)  # the first frame and a byte of the second leave
+        assert out.depth()[0] <= 2
+        link.drain(len(frame.frame) - 1)
+    assert slow == [] and not out.closed
+    # A client that stops reading: over QUEUE_SIZE frames waiting, the policy acts.
+    for _ in range(5):
+        out.offer(frame)
+    assert slow == [1] and out.closed and out.depth()[0] == 4
+
+
+def test_direct_path_bounds_bytes_and_skips_kernel_accepted_writes() -> None:
+    from service.outbound import DirectOutbound
+
+    slow: list[int] = []
+    counters = Counters()
+    link = _Link(room=10_000)
+    out = DirectOutbound(link, Bounds(frames=1000, bytes=300, drop_oldest=False), counters, lambda: slow.append(1))
+    frame = Message("c", b'"' + b"x" * 98 + b'"')  # 102-byte frames
+    for _ in range(98):  # the kernel takes them all: nothing is queued
+        out.offer(frame)
+    assert out.depth() == (0, 0) and counters.delivered == 98
+    # The kernel takes 4 more bytes: the 99th frame waits with 98 bytes, the 100th makes 200
+    # bytes, the 101st would make 302 > 300 bytes: the policy acts.
+    for _ in range(3):
+        out.offer(frame)
+    assert slow == [1] and counters.delivered == 100
