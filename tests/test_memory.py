@@ -172,7 +172,7 @@ def test_effective_limit_follows_the_measured_memory_per_connection() -> None:
     # Connections that each hold 512 KiB: the monitor measures that above the baseline.
     held = []
     for _ in range(MEASURE_FROM + 10):
-        tracker.admit(lambda _code, _reason: None)
+        tracker.admit(lambda _code, _reason: True)
         held.append(_touched(512 * 1024))
     monitor.check()
     per_connection = monitor.per_connection()
