@@ -39,6 +39,18 @@ def redis_binary() -> str:
     return str(candidate)
 
 
+def terminate(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM by PID, SIGKILL if it has not exited within ``timeout``; returns the exit code."""
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout)
+    return int(process.returncode)
+
+
 def _answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
@@ -80,14 +92,8 @@ class PrivateRedis:
 
     def stop(self, timeout: float = 10.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout)
+        if process is not None:
+            terminate(process, timeout)
 
     def __enter__(self) -> PrivateRedis:
         self.start()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import orjson
 import redis
 from websockets.asyncio.client import ClientConnection, connect
 
-from scripts.redis_server import free_port
+from scripts.redis_server import free_port, terminate
 from scripts.run import procfile_web
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,14 +118,7 @@ class Service:
         process, self.process = self.process, None
         if process is None:
             return None
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout)
-        return process.returncode
+        return terminate(process, timeout)
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.base + path, timeout=10)
@@ -165,3 +157,13 @@ async def subscribe_client(service: Service, channels: str) -> ClientConnection:
 def worker_of(ws: ClientConnection) -> str:
     assert ws.response is not None
     return str(ws.response.headers["x-wsbroadcast-worker"])
+
+
+async def clients_on_both_workers(service: Service, channels: str, minimum: int = 6) -> list[ClientConnection]:
+    """Connect subscribed clients until at least ``minimum`` are open and both workers hold some."""
+    clients = []
+    for _ in range(200):
+        clients.append(await subscribe_client(service, channels))
+        if len(clients) >= minimum and len({worker_of(ws) for ws in clients}) == 2:
+            return clients
+    raise AssertionError("200 clients all landed on one worker")

@@ -8,10 +8,9 @@ from collections.abc import Iterator
 import orjson
 import pytest
 import redis
-from websockets.asyncio.client import ClientConnection
 
 from scripts.redis_server import PrivateRedis
-from tests.support import Service, recv_json, subscribe_client, wait_until, worker_of
+from tests.support import Service, clients_on_both_workers, recv_json, subscribe_client, wait_until, worker_of
 
 
 @pytest.fixture(scope="module", params=["fast-path", "asgi-path"])
@@ -21,17 +20,8 @@ def service(request: pytest.FixtureRequest, redis_server: PrivateRedis) -> Itera
         yield svc
 
 
-async def _clients_on_both_workers(service: Service, channels: str, minimum: int = 6) -> list[ClientConnection]:
-    clients = []
-    for _ in range(200):
-        clients.append(await subscribe_client(service, channels))
-        if len(clients) >= minimum and len({worker_of(ws) for ws in clients}) == 2:
-            return clients
-    raise AssertionError("200 clients all landed on one worker")
-
-
 async def test_every_client_gets_every_frame_once_in_order(service: Service, redis_server: PrivateRedis) -> None:
-    clients = await _clients_on_both_workers(service, "news")
+    clients = await clients_on_both_workers(service, "news")
     assert len({worker_of(ws) for ws in clients}) == 2
     raw = redis.Redis.from_url(redis_server.url)
     expected = []

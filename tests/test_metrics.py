@@ -14,14 +14,13 @@ import signal
 import socket
 from collections import Counter as Tally
 from pathlib import Path
-from typing import Any
 
 import orjson
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.redis_server import PrivateRedis
-from tests.support import Service, recv_json, subscribe_client, wait_until, worker_of
+from tests.support import Service, clients_on_both_workers, recv_json, wait_until, worker_of
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -53,15 +52,6 @@ def _heartbeat_sum(service: Service, counter: str) -> int:
 
 def _sums_match(service: Service, metric: str, labels: dict[str, str], counter: str) -> bool:
     return total(scrape(service), metric, **labels) == _heartbeat_sum(service, counter)
-
-
-async def _clients_on_both_workers(service: Service, channels: str, minimum: int = 6) -> list[Any]:
-    clients = []
-    for _ in range(200):
-        clients.append(await subscribe_client(service, channels))
-        if len(clients) >= minimum and len({worker_of(ws) for ws in clients}) == 2:
-            return clients
-    raise AssertionError("200 clients all landed on one worker")
 
 
 class StalledClient:
@@ -133,7 +123,7 @@ async def test_counters_move_with_clients_summed_over_two_workers(redis_server: 
         memory_limit=400_000_000,
     ) as svc:
         # Connect: clients on both workers; the gauges split them as the handshake headers say.
-        clients = await _clients_on_both_workers(svc, "news")
+        clients = await clients_on_both_workers(svc, "news")
         n = len(clients)
         split = Tally(worker_of(ws).rsplit(":", 1)[1] for ws in clients)
         wait_until(
@@ -252,7 +242,7 @@ async def test_a_dead_workers_gauges_leave_and_its_counts_stay(redis_server: Pri
     with Service(redis_server.url, workers=2) as svc, Service(redis_server.url, workers=1) as other:
         directory = _metrics_dir(svc)
         assert directory.is_dir() and directory != _metrics_dir(other)
-        clients = await _clients_on_both_workers(svc, "news", minimum=4)
+        clients = await clients_on_both_workers(svc, "news", minimum=4)
         n = len(clients)
         victim = worker_of(clients[0]).rsplit(":", 1)[1]
         survivors = [ws for ws in clients if worker_of(ws).rsplit(":", 1)[1] != victim]
