@@ -1424,6 +1424,18 @@ async def _main(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return results
 
 
+def _git_state() -> dict[str, Any]:
+    """The commit measured, and the files that differed from it (a figure belongs to a tree)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip(), "modified": dirty}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     limit = _raise_fd_limit()
@@ -1438,6 +1450,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     report = {
+        "git": _git_state(),
         "command": " ".join(["scripts/loadtest", *(argv if argv is not None else sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "load_average_at_start": [round(x, 2) for x in load],
