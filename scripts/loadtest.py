@@ -915,6 +915,7 @@ class Run:
         stop = asyncio.Event()
         samples: list[dict[str, Any]] = []
         progress = asyncio.create_task(self._progress(label, stop, samples))
+        fanout0 = await asyncio.to_thread(self._fanout_metric)
         cpu0, pids0 = self.target.cpu()
         own0, busy0 = self._own_cpu(), self._busy()
         wall0 = time.monotonic()
@@ -939,6 +940,7 @@ class Run:
         for profiler in profilers:
             profiler.wait(30)
         stats = await self.clients.all("stats", lo=published.lo, hi=published.hi, per_seq=per_seq)
+        fanout1 = await asyncio.to_thread(self._fanout_metric)
         hist: Counter[int] = Counter()
         for s in stats:
             hist.update({int(k): v for k, v in s["hist"].items()})
@@ -985,6 +987,9 @@ class Run:
                 f"the machine's {os.cpu_count()} cores were {machine:.0f}% busy (other processes: "
                 f"{result['other_processes_cores']} cores): latency includes waiting for a core"
             )
+        if fanout0 is not None and fanout1 is not None and fanout1[1] > fanout0[1]:
+            # The server's share of the latency: a worker's loop over its local connections.
+            result["server_fanout_ms_mean"] = round((fanout1[0] - fanout0[0]) / (fanout1[1] - fanout0[1]) * 1000, 2)
         saturated = []
         # Per-second samples while publishing: a client busy for a second is saturated even when the
         # whole step's average (drain included) looks fine.
@@ -1148,6 +1153,22 @@ class Run:
         }
         _log(f"{self.tag} slow: stalled clients {dict(outcomes)}; RSS growth {result['rss_growth_mb']} MB")
         return result
+
+    def _fanout_metric(self) -> tuple[float, float] | None:
+        """(sum, count) of wsbroadcast's own fan-out histogram: arrival in a worker to the last socket."""
+        if self.target.name != "wsbroadcast":
+            return None
+        try:
+            text = httpx.get(f"http://{self.target.host}:{self.target.port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return None
+        total = count = 0.0
+        for line in text.splitlines():
+            if line.startswith("wsbroadcast_fanout_latency_seconds_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("wsbroadcast_fanout_latency_seconds_count"):
+                count += float(line.rsplit(" ", 1)[1])
+        return (total, count) if count else None
 
     def _server_counters(self) -> dict[str, int] | None:
         if self.target.name != "wsbroadcast":
