@@ -71,6 +71,10 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     await _Session(service, ws).run()
 
 
+def _already_closed(code: int, reason: str) -> bool:
+    return False
+
+
 async def _deny(ws: WebSocket, status: int, detail: str, retry_after: int | None = None) -> None:
     if "websocket.http.response" in ws.scope.get("extensions", {}):
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
@@ -123,6 +127,10 @@ class _Session:
             service.tracker.remove(self.conn)
             if self.writer is not None:
                 self.writer.cancel()
+            # Session, connection and outbound refer to each other: cut the cycles so the
+            # connection's memory is freed now, not whenever the cyclic GC runs.
+            self.conn.outbound = None
+            self.conn.close = _already_closed
 
     async def _write(self, queue: QueueOutbound) -> None:
         try:

@@ -9,6 +9,9 @@ connections until it falls back below (with 5% hysteresis, so one crossing logs 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import gc
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,11 +23,24 @@ from service.tracker import Tracker
 
 log = logging.getLogger("wsbroadcast.memory")
 
+
+def _find_malloc_trim() -> Any:
+    """glibc's malloc_trim, or None on a C library without it (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
+
 # cgroup v1 reports "no limit" as a huge page-aligned number; anything above this is unlimited.
 _UNLIMITED = 1 << 60
 HYSTERESIS = 0.95
 DEFAULT_PER_CONNECTION = 16 * 1024
 MIN_PER_CONNECTION = 4 * 1024
+TRIM_AFTER = 100  # connections gone since the last trim before heap pages are given back
 MEASURE_FROM = 50  # connections needed before the measured per-connection figure is trusted
 
 
@@ -110,6 +126,8 @@ class MemoryMonitor:
         self.baseline = self.rss
         self.pressure = False
         self.alerts = 0
+        self.trims = 0
+        self._high_since_trim = 0
 
     def _read_rss(self) -> int:
         return int(self._process.memory_info().rss)
@@ -120,7 +138,26 @@ class MemoryMonitor:
             return DEFAULT_PER_CONNECTION
         return max(MIN_PER_CONNECTION, (self.rss - self.baseline) // current)
 
+    def _give_back(self) -> None:
+        """Return freed heap pages to the system once many connections have gone.
+
+        Python frees a closed connection's objects at once, but glibc keeps the pages for reuse
+        unless asked: without this, RSS stays at its peak after a crowd leaves.
+        """
+        current = self._tracker.current
+        self._high_since_trim = max(self._high_since_trim, current)
+        gone = self._high_since_trim - current
+        if gone >= max(TRIM_AFTER, self._high_since_trim // 4):
+            # A closed connection leaves some reference cycles (tasks, exceptions and their
+            # frames) that only the cyclic collector frees; collect them before trimming.
+            gc.collect()
+            if _malloc_trim is not None:
+                _malloc_trim(0)
+            self.trims += 1
+            self._high_since_trim = current
+
     def check(self) -> None:
+        self._give_back()
         self.rss = rss = self._read_rss()
         if self._tracker.current == 0:
             # What no connection accounts for (the event loop, Redis, pages the allocator kept
@@ -163,4 +200,5 @@ class MemoryMonitor:
             "pressure": self.pressure,
             "per_connection_bytes": self.per_connection(),
             "baseline_rss_bytes": self.baseline,
+            "trims": self.trims,
         }

@@ -168,13 +168,17 @@ class DirectOutbound:
         self._counters = counters
         self._on_slow = on_slow
         self._written = 0  # bytes written to the transport, ever
-        self._waiting: deque[tuple[int, int]] = deque()  # (end offset, frames) of buffered writes
+        # (end offset, frames) of buffered writes; made on first need: a deque costs ~600 bytes
+        # and most connections never need one.
+        self._waiting: deque[tuple[int, int]] | None = None
         self._queued = 0  # frames in _waiting
         self.closed = False
 
     def _settle(self, buffered: int) -> None:
         """Forget the writes the transport has handed to the kernel."""
         waiting = self._waiting
+        if waiting is None:
+            return
         flushed = self._written - buffered
         while waiting and waiting[0][0] <= flushed:
             self._queued -= waiting.popleft()[1]
@@ -200,6 +204,8 @@ class DirectOutbound:
         self._written += len(frame)
         self._counters.delivered += message.count
         if buffered or link.buffered():
+            if self._waiting is None:
+                self._waiting = deque()
             self._waiting.append((self._written, message.count))
             self._queued += message.count
 

@@ -12,9 +12,11 @@ at most QUEUE_BYTES + SEND_BUFFER_BYTES.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from asyncio.transports import BaseTransport
+from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
@@ -25,11 +27,83 @@ EXTENSION = "wsbroadcast.direct"
 log = logging.getLogger("wsbroadcast.protocol")
 
 
+class _Inbox:
+    """uvicorn's per-connection receive queue, without asyncio.Queue's three deques (2.4 KB each
+    idle connection): events wait in a list, and the one reader (the ASGI app) in a future."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+
+class _Flag:
+    """uvicorn's ``writable`` event, without asyncio.Event's deque until someone actually waits."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        while not self._set:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            await waiter
+
+
 class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
     # Seconds a closing connection may take to read our close frame before it is aborted: a stalled
     # client must not keep its (bounded) buffers alive for ever, but one that resumes reading in time
     # learns why it was closed (4008).
     close_timeout = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = _Inbox()  # type: ignore[assignment]
+        self.writable = _Flag()  # type: ignore[assignment]
+
+    def start_keepalive(self) -> None:
+        # Called once the handshake response is written: the handshake's request and response
+        # (headers and all, ~3 KB) are not needed any more.
+        self.request = None  # type: ignore[assignment]
+        self.response = None  # type: ignore[assignment]
+        super().start_keepalive()
 
     def connection_made(self, transport: BaseTransport) -> None:
         super().connection_made(transport)
@@ -63,6 +137,21 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def buffered(self) -> int:
         return self.transport.get_write_buffer_size()
+
+    def keepalive_timeout(self) -> None:
+        # uvicorn sends 1011 and then transport.close(), which waits for the write buffer to drain:
+        # a peer that stopped reading never drains it, so its buffers would live for ever. Give
+        # it close_timeout to read the close frame, then abort.
+        super().keepalive_timeout()
+        if self.close_timer is None and not self.disconnected:
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # The scope (kept by the app for the connection's life) refers back to us through the
+        # link: break the cycle so a closed connection is freed at once, not by the cyclic GC.
+        extensions = getattr(self, "scope", {}).get("extensions") or {}
+        extensions.pop(EXTENSION, None)
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame without awaiting the client and abort if it does not answer in time."""
