@@ -40,7 +40,9 @@ _UNLIMITED = 1 << 60
 HYSTERESIS = 0.95
 DEFAULT_PER_CONNECTION = 16 * 1024
 MIN_PER_CONNECTION = 4 * 1024
-TRIM_AFTER = 100  # connections gone since the last trim before heap pages are given back
+# Connections gone since the last trim before heap pages are given back: a collection and a trim
+# cost a few milliseconds, so not after every close, but after any sizeable departure.
+TRIM_AFTER = 100
 MEASURE_FROM = 50  # connections needed before the measured per-connection figure is trusted
 
 
@@ -147,7 +149,7 @@ class MemoryMonitor:
         current = self._tracker.current
         self._high_since_trim = max(self._high_since_trim, current)
         gone = self._high_since_trim - current
-        if gone >= max(TRIM_AFTER, self._high_since_trim // 4):
+        if gone >= TRIM_AFTER:
             # A closed connection leaves some reference cycles (tasks, exceptions and their
             # frames) that only the cyclic collector frees; collect them before trimming.
             gc.collect()
