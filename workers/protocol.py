@@ -111,7 +111,9 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
         sock = transport.get_extra_info("socket")
         if send_buffer and sock is not None:
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+                # Linux doubles the value it is given (bookkeeping overhead): halve it, so that the
+                # kernel holds at most SEND_BUFFER_BYTES for a stalled client.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(send_buffer // 2, 2048))
             except OSError as exc:  # an exotic transport; the user-space bound still holds
                 log.warning("could not set SO_SNDBUF=%d: %s", send_buffer, exc)
 
