@@ -75,11 +75,14 @@ class Prober:
         self._client = aredis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         self._redis_channel = redis_channel
         self._channel = channel
+        self._stopped = False
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         seq = 0
-        while True:
+        # A flag as well as cancel(): redis-py can turn a cancellation inside a command into a
+        # ConnectionError, which this loop ignores, and would then publish for ever.
+        while not self._stopped:
             seq += 1
             try:
                 await self._client.publish(
@@ -90,6 +93,7 @@ class Prober:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
+        self._stopped = True
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
         await self._client.aclose()
@@ -363,7 +367,7 @@ async def test_deaf_listener_is_caught_by_the_canary(redis_server: PrivateRedis)
             f"deliveries resumed {resume * 1000:.0f} ms after the link healed"
         )
         assert resume < RESUME_LIMIT
-        await prober.stop()
+        await asyncio.wait_for(prober.stop(), 10)
 
         def all_ok() -> list[dict[str, Any]] | None:
             beats = service.heartbeats()
@@ -375,7 +379,7 @@ async def test_deaf_listener_is_caught_by_the_canary(redis_server: PrivateRedis)
         assert log_count(service, "canary received again") == 2, service.log()
         assert not any(r.closed for r in recorders)
         for r in recorders:
-            await r.stop()
+            await asyncio.wait_for(r.stop(), 20)
 
 
 # --- Redis unreachable at start-up -----------------------------------------------------------------
