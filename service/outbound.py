@@ -135,16 +135,32 @@ class QueueOutbound:
             self._counters.delivered += message.count
 
 
+class Transport(Protocol):
+    """What the fast path uses of an asyncio transport."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def get_write_buffer_size(self) -> int: ...
+
+    def is_closing(self) -> bool: ...
+
+
 class DirectLink(Protocol):
-    """The ``wsbroadcast.direct`` scope extension: synchronous access to one connection's transport."""
+    """The ``wsbroadcast.direct`` scope extension: synchronous access to one connection's transport.
 
-    def write_frame(self, frame: bytes) -> bool:
-        """Write a complete WebSocket frame; False when the connection is closing (nothing written)."""
-        ...
+    Frames may be written to ``transport`` while neither ``close_sent`` nor ``disconnected`` is set
+    and the transport is not closing: every close path of the protocol sets one of the three, so
+    nothing is ever written after a close frame. Each write is one whole frame (or several).
+    """
 
-    def buffered(self) -> int:
-        """Bytes in the transport's write buffer (not yet accepted by the kernel)."""
-        ...
+    @property
+    def transport(self) -> Transport: ...
+
+    @property
+    def close_sent(self) -> bool: ...
+
+    @property
+    def disconnected(self) -> bool: ...
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame now, ahead of nothing: it queues behind the bytes already buffered."""
@@ -160,10 +176,27 @@ class DirectOutbound:
     write has left for the kernel. A client that keeps up never has anything remembered.
     """
 
-    __slots__ = ("_bounds", "_counters", "_link", "_on_slow", "_queued", "_waiting", "_written", "closed")
+    __slots__ = (
+        "_bounds",
+        "_buffered",
+        "_closing",
+        "_counters",
+        "_link",
+        "_on_slow",
+        "_queued",
+        "_waiting",
+        "_write",
+        "_written",
+        "closed",
+    )
 
     def __init__(self, link: DirectLink, bounds: Bounds, counters: Counters, on_slow: Callable[[], None]) -> None:
         self._link = link
+        # The transport's own (C) methods, bound once: per delivery there is no Python call
+        # between the hub and the socket.
+        self._write = link.transport.write
+        self._buffered = link.transport.get_write_buffer_size
+        self._closing = link.transport.is_closing
         self._bounds = bounds
         self._counters = counters
         self._on_slow = on_slow
@@ -187,8 +220,11 @@ class DirectOutbound:
         if self.closed:
             return
         link = self._link
+        if link.close_sent or link.disconnected or self._closing():
+            self.closed = True
+            return
         frame = message.frame
-        buffered = link.buffered()
+        buffered = self._buffered()
         if buffered:
             self._settle(buffered)
             if buffered + len(frame) > self._bounds.bytes or self._queued + message.count > self._bounds.frames:
@@ -198,19 +234,17 @@ class DirectOutbound:
         elif self._waiting:
             self._waiting.clear()
             self._queued = 0
-        if not link.write_frame(frame):
-            self.closed = True
-            return
+        self._write(frame)
         self._written += len(frame)
         self._counters.delivered += message.count
-        if buffered or link.buffered():
+        if buffered or self._buffered():
             if self._waiting is None:
                 self._waiting = deque()
             self._waiting.append((self._written, message.count))
             self._queued += message.count
 
     def depth(self) -> tuple[int, int]:
-        buffered = self._link.buffered()
+        buffered = self._buffered()
         if not buffered:
             return 0, 0
         self._settle(buffered)

@@ -161,27 +161,31 @@ async def test_hub_batches_what_arrives_together_and_flushes_on_the_next_iterati
 
 
 class _Link:
-    """A transport stand-in whose kernel accepts ``room`` bytes, then buffers the rest in user space."""
+    """A connection stand-in whose kernel accepts ``room`` bytes, then buffers the rest in user space."""
 
     def __init__(self, room: int) -> None:
         self.room = room
         self.buffer = 0
-        self.closed_with: int | None = None
+        self.close_sent = False
+        self.disconnected = False
+        self.transport = self
 
-    def write_frame(self, frame: bytes) -> bool:
+    def write(self, frame: bytes) -> None:
         taken = 0 if self.buffer else min(self.room, len(frame))
         self.room -= taken
         self.buffer += len(frame) - taken
-        return True
 
-    def buffered(self) -> int:
+    def get_write_buffer_size(self) -> int:
         return self.buffer
+
+    def is_closing(self) -> bool:
+        return False
 
     def drain(self, nbytes: int) -> None:
         self.buffer = max(0, self.buffer - nbytes)
 
     def close(self, code: int, reason: str) -> None:
-        self.closed_with = code
+        self.close_sent = True
 
 
 def test_direct_path_counts_frames_still_buffered_not_frames_ever_written() -> None:
@@ -221,3 +225,16 @@ def test_direct_path_bounds_bytes_and_skips_kernel_accepted_writes() -> None:
     for _ in range(3):
         out.offer(frame)
     assert slow == [1] and counters.delivered == 100
+
+
+def test_direct_path_writes_nothing_once_a_close_frame_is_sent() -> None:
+    from service.outbound import DirectOutbound
+
+    counters = Counters()
+    link = _Link(room=10_000)
+    out = DirectOutbound(link, Bounds(frames=10, bytes=1 << 20, drop_oldest=False), counters, lambda: None)
+    frame = Message("c", b'"x"')
+    out.offer(frame)
+    link.close(4000, "idle timeout")
+    out.offer(frame)
+    assert counters.delivered == 1 and out.closed and link.room == 10_000 - len(frame.frame)

@@ -1,10 +1,11 @@
 """Our uvicorn WebSocket protocol: uvicorn's sans-I/O protocol plus the fast-path scope extension.
 
 With permessage-deflate off, a broadcast frame is byte-for-byte the same for every connection, so
-the hub builds it once and writes it to each transport through ``DirectLink`` (``write_frame``),
+the hub builds it once and writes it to each transport through the ``DirectLink`` this protocol is,
 with no per-connection framing, task wake-up or await. Every write here, ours and uvicorn's, is one
-synchronous ``transport.write`` of whole frames, so frames never interleave; ``write_frame``
-refuses once a close frame has been sent.
+synchronous ``transport.write`` of whole frames, so frames never interleave; the fast path writes
+only while ``close_sent``, ``disconnected`` and ``transport.is_closing()`` are all false, and every
+close path sets one of them.
 
 Each accepted socket's kernel send buffer is capped at SEND_BUFFER_BYTES so a stalled client holds
 at most QUEUE_BYTES + SEND_BUFFER_BYTES.
@@ -20,7 +21,6 @@ from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
-from websockets.protocol import State
 
 EXTENSION = "wsbroadcast.direct"
 
@@ -130,15 +130,6 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
             }
 
     # --- DirectLink --------------------------------------------------------------------------
-
-    def write_frame(self, frame: bytes) -> bool:
-        if self.close_sent or self.disconnected or self.conn.state is not State.OPEN:
-            return False
-        self.transport.write(frame)
-        return True
-
-    def buffered(self) -> int:
-        return self.transport.get_write_buffer_size()
 
     def keepalive_timeout(self) -> None:
         # uvicorn sends 1011 and then transport.close(), which waits for the write buffer to drain:
