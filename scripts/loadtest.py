@@ -631,11 +631,18 @@ def _start_wsbroadcast(redis_url: str, workers: int, extra_env: dict[str, str]) 
         live = [w for w in doc.get("workers", []) if w["worker"]["pid"] in {p.pid for p in target.workers()}]
         return len(live) == workers and all(w["redis"]["connected"] for w in live)
 
+    return _started(target, ready, "wsbroadcast", process, log_path)
+
+
+def _started(
+    target: Target, ready: Callable[[], bool], name: str, process: subprocess.Popen[bytes], log_path: Path
+) -> Target:
+    """``target`` once ``ready``; stopped, with the tail of its log in the error, if it never is."""
     try:
-        _wait(ready, 60, "wsbroadcast", process)
+        _wait(ready, 60, name, process)
     except RuntimeError:
         target.stop()
-        raise RuntimeError(f"wsbroadcast did not start; log: {log_path}\n{log_path.read_text()[-2000:]}") from None
+        raise RuntimeError(f"{name} did not start; log: {log_path}\n{log_path.read_text()[-2000:]}") from None
     return target
 
 
@@ -672,12 +679,7 @@ def _start_broadcaster(redis_url: str, workers: int) -> Target:
     def ready() -> bool:
         return log_path.read_text(errors="replace").count("Application startup complete") >= workers
 
-    try:
-        _wait(ready, 60, "broadcaster baseline", process)
-    except RuntimeError:
-        target.stop()
-        raise RuntimeError(f"baseline did not start; log: {log_path}\n{log_path.read_text()[-2000:]}") from None
-    return target
+    return _started(target, ready, "broadcaster baseline", process, log_path)
 
 
 def _attach(url: str, redis_url: str, prefix: str, master: int | None) -> Target:

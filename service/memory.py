@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,11 @@ _UNLIMITED = 1 << 60
 HYSTERESIS = 0.95
 DEFAULT_PER_CONNECTION = 16 * 1024
 MIN_PER_CONNECTION = 4 * 1024
-# Connections gone since the last trim before heap pages are given back: a collection and a trim
-# cost a few milliseconds, so not after every close, but after any sizeable departure.
+# Connections gone since the last trim before heap pages are given back (or 5% of the peak, if
+# fewer): a collection and a trim cost a few milliseconds, so not after every close, but after any
+# sizeable departure.
 TRIM_AFTER = 100
+TRIM_AGAIN_AFTER = 12.0  # seconds: beyond the WebSocket protocol's close timeout (10 s)
 MEASURE_FROM = 50  # connections needed before the measured per-connection figure is trusted
 
 
@@ -130,6 +133,7 @@ class MemoryMonitor:
         self.alerts = 0
         self.trims = 0
         self._high_since_trim = 0
+        self._trim_again_at: float | None = None
 
     def _read_rss(self) -> int:
         return int(self._process.memory_info().rss)
@@ -147,16 +151,26 @@ class MemoryMonitor:
         unless asked: without this, RSS stays at its peak after a crowd leaves.
         """
         current = self._tracker.current
+        now = time.monotonic()
         self._high_since_trim = max(self._high_since_trim, current)
         gone = self._high_since_trim - current
-        if gone >= TRIM_AFTER:
-            # A closed connection leaves some reference cycles (tasks, exceptions and their
-            # frames) that only the cyclic collector frees; collect them before trimming.
-            gc.collect()
-            if _malloc_trim is not None:
-                _malloc_trim(0)
-            self.trims += 1
+        if gone >= min(TRIM_AFTER, max(10, self._high_since_trim // 20)):
+            self._trim()
             self._high_since_trim = current
+            # A client closed while it was not reading keeps its write buffer until its transport
+            # is aborted, up to the protocol's close timeout later: trim once more after that.
+            self._trim_again_at = now + TRIM_AGAIN_AFTER
+        elif self._trim_again_at is not None and now >= self._trim_again_at:
+            self._trim()
+            self._trim_again_at = None
+
+    def _trim(self) -> None:
+        # A closed connection leaves some reference cycles (tasks, exceptions and their frames)
+        # that only the cyclic collector frees; collect them before trimming.
+        gc.collect()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+        self.trims += 1
 
     def check(self) -> None:
         self._give_back()

@@ -186,6 +186,30 @@ def test_effective_limit_follows_the_measured_memory_per_connection() -> None:
     del held
 
 
+def test_heap_is_trimmed_when_connections_leave_and_again_after_the_close_timeout() -> None:
+    tracker = Tracker(1000, 900.0, lambda _channel: 0.0)
+    monitor = MemoryMonitor(Settings(), tracker)
+    conns = [tracker.admit(lambda _code, _reason: True) for _ in range(40)]
+    monitor.check()
+    assert monitor.trims == 0
+    for conn in conns[:5]:  # fewer than max(10, 5% of the peak): not worth a trim yet
+        tracker.remove(conn)
+    monitor.check()
+    assert monitor.trims == 0
+    for conn in conns[5:20]:
+        tracker.remove(conn)
+    monitor.check()
+    assert monitor.trims == 1
+    monitor.check()
+    assert monitor.trims == 1  # nothing more has left
+    # Transports of clients closed while stalled are aborted up to the close timeout later; the
+    # second trim is due then.
+    assert monitor._trim_again_at is not None and monitor._trim_again_at > time.monotonic() + 10
+    monitor._trim_again_at = time.monotonic() - 0.001
+    monitor.check()
+    assert monitor.trims == 2 and monitor._trim_again_at is None
+
+
 # --- a real worker over its limit ----------------------------------------------------------------
 
 
