@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from starlette.responses import PlainTextResponse
+from starlette.types import Receive
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service import codec
@@ -56,7 +57,9 @@ class _RateLimit:
         return True
 
 
-async def websocket_endpoint(ws: WebSocket) -> None:
+async def websocket_endpoint(ws: WebSocket, receive: Receive) -> None:
+    """Serve one WebSocket; ``receive`` is the server's own (Starlette's wrapper would keep one more
+    suspended coroutine alive per idle connection)."""
     service: Service = ws.app.state.service
     refusal = await service.gate.check(ws)
     if refusal is not None:
@@ -68,7 +71,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         detail = "worker is under memory pressure" if reason == "memory" else "worker is at its connection limit"
         await _deny(ws, 503, detail, retry_after=1 if reason == "full" else 5)
         return
-    await _Session(service, ws).run()
+    await _Session(service, ws, receive).run()
 
 
 def _already_closed(code: int, reason: str) -> bool:
@@ -86,9 +89,10 @@ async def _deny(ws: WebSocket, status: int, detail: str, retry_after: int | None
 class _Session:
     """One admitted connection, from accept to unregister."""
 
-    def __init__(self, service: Service, ws: WebSocket) -> None:
+    def __init__(self, service: Service, ws: WebSocket, receive: Receive) -> None:
         self.service = service
         self.ws = ws
+        self.receive = receive
         extension = ws.scope.get("extensions", {}).get(DIRECT_EXTENSION, {})
         self.link: Any = extension.get("link")
         direct = bool(extension.get("direct", True))
@@ -165,7 +169,7 @@ class _Session:
         return True
 
     async def _read_loop(self) -> None:
-        receive = self.ws.receive
+        receive = self.receive
         max_bytes = self.service.settings.max_message_bytes
         while True:
             message = await receive()

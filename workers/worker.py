@@ -54,6 +54,10 @@ class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker sh
             "ws_ping_timeout": settings.ws_ping_timeout or None,
             "ws_max_size": settings.max_message_bytes,
             "lifespan": "on",
+            # The service reads no client address (per-connection access lines are filtered out),
+            # and the proxy-headers middleware would keep one more suspended coroutine alive per
+            # idle WebSocket.
+            "proxy_headers": False,
             # Leave gunicorn's graceful timeout a second to reap us after our own shutdown.
             "timeout_graceful_shutdown": max(1.0, settings.graceful_timeout - 1.0),
         }
