@@ -28,6 +28,7 @@ log = logging.getLogger("wsbroadcast.health")
 OK, DEGRADED, FAILING = "ok", "degraded", "failing"
 EXIT_CODES = {OK: 0, DEGRADED: 1, FAILING: 2}
 UTILISATION_DEGRADED = 0.9
+STATUS_POLL = 0.2  # seconds between checks for a status change between heartbeats
 
 
 def worker_identity() -> tuple[str, int]:
@@ -118,6 +119,7 @@ class Heartbeat:
     async def run(self) -> None:
         last_log = time.monotonic()
         while True:
+            status = worker_status(self._service)[0]
             try:
                 await self.beat()
             except (RedisError, OSError) as exc:
@@ -126,7 +128,14 @@ class Heartbeat:
             if now - last_log >= self._stats_interval:
                 last_log = now
                 log.info("%s", stats_line(self._service))
-            await asyncio.sleep(self._interval)
+            # Beat early when the status changes (Redis connects or is lost, a canary is missed,
+            # memory pressure): the cluster must not read "failing" for a whole interval after a
+            # worker has connected.
+            steps = max(1, round(self._interval / STATUS_POLL))
+            for _ in range(steps):
+                await asyncio.sleep(self._interval / steps)
+                if worker_status(self._service)[0] != status:
+                    break
 
     async def remove(self) -> None:
         try:

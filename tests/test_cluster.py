@@ -254,3 +254,17 @@ def test_watch_refreshes_until_interrupted(redis_server: PrivateRedis) -> None:
             proc.wait()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert proc.returncode == 2  # the last report's status: no live workers under this prefix
+
+
+def test_a_heartbeat_follows_a_status_change_without_waiting_an_interval(redis_server: PrivateRedis) -> None:
+    # The first heartbeat is written before the pub/sub listener is up (status failing); with a
+    # 20 s interval, the cluster would read "failing" for 20 s if the next beat waited for it.
+    service = Service(redis_server.url, workers=1, heartbeat_interval=20).start(wait=False)
+    try:
+        started = time.monotonic()
+        service.wait_ready(timeout=10)
+        assert time.monotonic() - started < 10
+        (beat,) = service.heartbeats()
+        assert beat["status"] == "ok" and beat["redis"]["connected"]
+    finally:
+        service.stop()
