@@ -56,7 +56,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from scripts.redis_server import PrivateRedis, free_port
+from scripts.redis_server import PrivateRedis, free_port, terminate
 from scripts.run import ROOT, procfile_web
 
 CHANNEL = "bench"
@@ -582,14 +582,8 @@ class Target:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(10)
+        if process is not None:
+            terminate(process, 30)
 
 
 def _wait(condition: Callable[[], bool], timeout: float, what: str, process: subprocess.Popen[bytes] | None) -> None:

@@ -112,10 +112,6 @@ class Broker:
         await self.redis.aclose()
         await self.pool.disconnect()
 
-    @property
-    def healthy(self) -> bool:
-        return self.connected and self.canary_ok
-
     # --- subscriptions ---------------------------------------------------------------------------
 
     def want(self, channel: str) -> None:
@@ -146,9 +142,6 @@ class Broker:
                 waiters.remove(future)
                 if not waiters:
                     del self._waiters[redis_channel]
-
-    def subscriptions(self) -> list[str]:
-        return sorted(self._confirmed)
 
     # --- publishing ---------------------------------------------------------------------------
 

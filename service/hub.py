@@ -8,13 +8,10 @@ wires it (the app, to the broker) when a channel gains its first or loses its la
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 
 from service.outbound import Message, Outbound
-
-log = logging.getLogger("wsbroadcast.hub")
 
 # A batch is flushed early at this many publications or bytes (or a quarter of a connection's
 # queue bound, if smaller), so one burst never becomes one write near a connection's bound.

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from service.tracker import Counters
 
@@ -65,6 +65,8 @@ class Bounds:
 class Outbound(Protocol):
     """What the hub holds for each subscribed connection."""
 
+    direct: ClassVar[bool]  # True for the fast path
+
     def offer(self, message: Message) -> None: ...
 
     def depth(self) -> tuple[int, int]:
@@ -74,6 +76,8 @@ class Outbound(Protocol):
 
 class QueueOutbound:
     """The plain ASGI path: a deque bounded in frames and bytes, drained by ``run``."""
+
+    direct: ClassVar[bool] = False
 
     __slots__ = ("_bounds", "_bytes", "_counters", "_frames", "_on_slow", "_queue", "_wake", "closed", "dropped")
 
@@ -175,6 +179,8 @@ class DirectOutbound:
     bytes written; once the transport holds fewer bytes than were written after that offset, the
     write has left for the kernel. A client that keeps up never has anything remembered.
     """
+
+    direct: ClassVar[bool] = True
 
     __slots__ = (
         "_bounds",

@@ -141,7 +141,7 @@ class Tracker:
 
     def paths(self) -> dict[str, int]:
         """Connections per outbound path: ``direct`` (frame-once fast path) or ``queue`` (ASGI)."""
-        direct = sum(1 for c in self.connections.values() if type(c.outbound).__name__ == "DirectOutbound")
+        direct = sum(1 for c in self.connections.values() if c.outbound is not None and c.outbound.direct)
         return {"direct": direct, "queue": len(self.connections) - direct}
 
     def queue_depths(self) -> dict[str, int]:

@@ -30,7 +30,15 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from scripts.redis_server import PrivateRedis, free_port
-from tests.support import Service, async_wait_until, recv_json, subscribe_client, wait_until, worker_of
+from tests.support import (
+    Service,
+    async_wait_until,
+    clients_on_both_workers,
+    recv_json,
+    subscribe_client,
+    wait_until,
+    worker_of,
+)
 
 RESUME_LIMIT = 2.0  # issue 4: deliveries resume within 2 s of Redis being back
 
@@ -107,15 +115,6 @@ async def resumed_within(recorders: list[Recorder], since: float, timeout: float
 
     await async_wait_until(all_got_one, timeout, what="every client to receive a probe again")
     return max(r.first_probe_after(since) or 0.0 for r in recorders) - since
-
-
-async def clients_on_both_workers(service: Service, channels: str, minimum: int = 4) -> list[ClientConnection]:
-    clients: list[ClientConnection] = []
-    for _ in range(200):
-        clients.append(await subscribe_client(service, channels))
-        if len(clients) >= minimum and len({worker_of(ws) for ws in clients}) == 2:
-            return clients
-    raise AssertionError("200 clients all landed on one worker")
 
 
 def health_docs(service: Service, n: int = 20) -> list[dict[str, Any]]:
@@ -245,7 +244,7 @@ class FreezingProxy:
 
 async def test_redis_restart_keeps_connections_and_resumes_delivery(own_redis: PrivateRedis) -> None:
     with Service(own_redis.url, workers=2) as service:
-        clients = await clients_on_both_workers(service, "news")
+        clients = await clients_on_both_workers(service, "news", minimum=4)
         # One subscription made at runtime, not in the query: it must be resubscribed too.
         late = await subscribe_client(service, "lobby")
         await late.send('{"op":"subscribe","channel":"news"}')
@@ -304,7 +303,7 @@ async def test_redis_restart_keeps_connections_and_resumes_delivery(own_redis: P
 
 async def test_client_kill_pubsub_reconnects_and_counts_the_gap(own_redis: PrivateRedis) -> None:
     with Service(own_redis.url, workers=2) as service:
-        recorders = [Recorder(ws) for ws in await clients_on_both_workers(service, "news")]
+        recorders = [Recorder(ws) for ws in await clients_on_both_workers(service, "news", minimum=4)]
         prober = Prober(own_redis.url, f"{service.prefix}news", "news")
         await resumed_within(recorders, time.monotonic())
 
@@ -336,7 +335,7 @@ async def test_client_kill_pubsub_reconnects_and_counts_the_gap(own_redis: Priva
 
 async def test_deaf_listener_is_caught_by_the_canary(redis_server: PrivateRedis) -> None:
     with FreezingProxy(redis_server.port) as proxy, Service(proxy.url, workers=2) as service:
-        recorders = [Recorder(ws) for ws in await clients_on_both_workers(service, "news")]
+        recorders = [Recorder(ws) for ws in await clients_on_both_workers(service, "news", minimum=4)]
         prober = Prober(redis_server.url, f"{service.prefix}news", "news")
         await resumed_within(recorders, time.monotonic())
 

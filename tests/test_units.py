@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar
 
 import pytest
 from websockets.frames import Frame, Opcode
@@ -126,6 +127,8 @@ def test_idle_rule_counts_publications_on_the_clients_channels() -> None:
 
 
 class _Collect:
+    direct: ClassVar[bool] = False
+
     def __init__(self) -> None:
         self.messages: list[Message] = []
 
