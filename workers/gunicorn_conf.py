@@ -13,7 +13,12 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from service.config import Settings, SettingsError
-from workers import metrics_dir
+from workers import metrics_dir, versions
+
+_unsupported = versions.problems(versions.declared())
+if _unsupported:
+    print(f"wsbroadcast: unsupported library version: {'; '.join(_unsupported)}", file=sys.stderr)
+    sys.exit(2)
 
 try:
     _settings = Settings.from_env()
