@@ -30,3 +30,15 @@ class Keys:
     def canary(self, host: str, pid: int) -> str:
         """A worker's private control channel, outside the public channel space (``#`` is not allowed there)."""
         return f"{self.prefix}#canary:{host}:{pid}"
+
+    # A channel's history lives in the hash slot of its pub/sub channel: the hash tag {...} holds
+    # the pub/sub channel's whole name, so on a Redis Cluster the publish function's keys and the
+    # sharded channel land on one node.
+
+    def meta(self, name: str) -> str:
+        """The hash holding the channel's epoch and top offset."""
+        return f"{self.prefix}meta:{{{self.channel(name)}}}"
+
+    def history(self, name: str) -> str:
+        """The stream holding the channel's last publications."""
+        return f"{self.prefix}history:{{{self.channel(name)}}}"

@@ -1,0 +1,193 @@
+"""A channel's history in Redis: the publish function that assigns offsets, positions, range reads.
+
+Publishing is one call of the Redis function ``wsb_publish`` (library ``wsbroadcast``), so any
+language's Redis client can publish recoverably without our code::
+
+    FCALL wsb_publish 2 <meta key> <stream key> <pub/sub channel> <channel> <data JSON> \
+        <history size> <history ttl ms> <meta ttl ms>
+
+Atomically it reads or creates the channel's epoch, increments its top offset, appends the frame
+to the channel's stream (entry id ``<offset>-0``, trimmed to the history size, expiring after the
+history TTL), refreshes the metadata's much longer TTL (a quiet channel keeps its epoch), builds
+the frame ``{"channel":..,"offset":..,"epoch":..,"data":<data>}`` around the publisher's bytes
+without re-encoding them, and publishes it. It answers ``[offset, epoch, receivers]``.
+
+The metadata hash (``epoch``, ``top``), the stream and the pub/sub channel share one hash slot
+(see ``Keys``), so the same calls work on a Redis Cluster. A Redis that restarted without
+persistence has lost the library: every call here loads it again on "Function not found" and
+retries once, so no publish fails for that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from service.keys import Keys
+
+LIBRARY = "wsbroadcast"
+
+# Bump VERSION with any change to the code: workers load the library with REPLACE, and the
+# version in the source makes a mixed deployment's library visible (FUNCTION LIST).
+VERSION = 1
+
+_SOURCE = """#!lua name=wsbroadcast
+-- wsbroadcast v__VERSION__: channel offsets, epochs and history
+local function position(meta, stream, meta_ttl)
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    -- A new lifetime of the channel's history, named by the time (no earlier lifetime of this
+    -- key had that name); a stream left from an earlier lifetime (metadata evicted) is dropped.
+    local now = redis.call('TIME')
+    epoch = string.format('%x%05x', tonumber(now[1]), tonumber(now[2]))
+    redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
+    redis.call('DEL', stream)
+  end
+  redis.call('PEXPIRE', meta, meta_ttl)
+  return epoch, tonumber(redis.call('HGET', meta, 'top'))
+end
+
+redis.register_function('wsb_publish', function(keys, args)
+  local meta, stream = keys[1], keys[2]
+  local pubsub, channel, data = args[1], args[2], args[3]
+  local size, ttl, meta_ttl = tonumber(args[4]), tonumber(args[5]), tonumber(args[6])
+  if not pcall(cjson.decode, data) then
+    return redis.error_reply('ERR wsbroadcast: data is not valid JSON')
+  end
+  local epoch = position(meta, stream, meta_ttl)
+  local top = redis.call('HINCRBY', meta, 'top', 1)
+  local frame = '{"channel":"' .. channel .. '","offset":' .. top .. ',"epoch":"' .. epoch .. '","data":' .. data .. '}'
+  if size > 0 then
+    redis.call('XADD', stream, 'MAXLEN', size, top .. '-0', 'f', frame)
+    redis.call('PEXPIRE', stream, ttl)
+  end
+  local receivers = redis.call('PUBLISH', pubsub, frame)
+  return {top, epoch, receivers}
+end)
+
+redis.register_function('wsb_position', function(keys, args)
+  local epoch, top = position(keys[1], keys[2], tonumber(args[1]))
+  return {top, epoch}
+end)
+
+redis.register_function{function_name='wsb_range', flags={'no-writes'}, callback=function(keys, args)
+  -- Publications after args[1], at most args[2] of them, with the epoch and top they belong to.
+  local meta, stream = keys[1], keys[2]
+  local after, count = tonumber(args[1]), tonumber(args[2])
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then return {0, false} end
+  local top = tonumber(redis.call('HGET', meta, 'top'))
+  local out = {top, epoch}
+  if count > 0 and after < top then
+    for _, entry in ipairs(redis.call('XRANGE', stream, (after + 1) .. '-0', '+', 'COUNT', count)) do
+      out[#out + 1] = entry[1]
+      out[#out + 1] = entry[2][2]
+    end
+  end
+  return out
+end}
+"""
+LUA = _SOURCE.replace("__VERSION__", str(VERSION))
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a channel is: its top offset (0 when never published) in its current epoch."""
+
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    offset: int
+    epoch: str
+    receivers: int
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """What the history holds after an offset: ``frames`` are offsets ``first``.. in order.
+
+    ``complete`` is True when they are exactly every publication after the offset asked for, up to
+    the top (or there were none): the history reached back far enough and the epoch is the same.
+    """
+
+    position: Position
+    first: int
+    frames: list[bytes]
+    complete: bool
+
+
+class History:
+    """Calls of the ``wsbroadcast`` function library on one Redis."""
+
+    def __init__(self, redis: Redis, keys: Keys, size: int, ttl: float, meta_ttl: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self.size = size
+        self._ttl_ms = str(int(ttl * 1000))
+        self._meta_ttl_ms = str(int(meta_ttl * 1000))
+
+    async def load(self) -> None:
+        """Load (or replace) the function library."""
+        await self._redis.function_load(LUA, replace=True)
+
+    async def _call(self, function: str, channel: str, *args: str | bytes) -> Any:
+        keys = (self._keys.meta(channel), self._keys.history(channel))
+        try:
+            return await self._redis.fcall(function, 2, *keys, *args)
+        except ResponseError as exc:
+            if "function not found" not in str(exc).lower():
+                raise
+        await self.load()
+        return await self._redis.fcall(function, 2, *keys, *args)
+
+    async def publish(self, channel: str, data: bytes) -> Published:
+        """Publish the publisher's JSON ``data`` bytes (validated, never re-encoded) on ``channel``."""
+        reply = await self._call(
+            "wsb_publish",
+            channel,
+            self._keys.channel(channel),
+            channel,
+            data,
+            str(self.size),
+            self._ttl_ms,
+            self._meta_ttl_ms,
+        )
+        return Published(int(reply[0]), _text(reply[1]), int(reply[2]))
+
+    async def position(self, channel: str) -> Position:
+        """The channel's top offset and epoch, creating the epoch on first use."""
+        reply = await self._call("wsb_position", channel, self._meta_ttl_ms)
+        return Position(int(reply[0]), _text(reply[1]))
+
+    async def read(self, channel: str, since: Position) -> Range:
+        """Publications after ``since``: every one up to the top when the history still holds them.
+
+        A different epoch, or a history that no longer reaches back to ``since.offset + 1``, gives
+        an incomplete range with no frames: what was missed cannot be told from Redis any more.
+        """
+        reply = await self._call("wsb_range", channel, str(since.offset), str(self.size))
+        epoch = reply[1]
+        if epoch is None:  # the channel has no metadata at all: nothing since can be recovered
+            return Range(Position(0, ""), since.offset + 1, [], since.offset == 0 and not since.epoch)
+        position = Position(int(reply[0]), _text(epoch))
+        ids, frames = reply[2::2], list(reply[3::2])
+        first = since.offset + 1
+        if position.epoch != since.epoch or since.offset > position.offset:
+            return Range(position, first, [], False)
+        missed = position.offset - since.offset
+        if missed == 0:
+            return Range(position, first, [], True)
+        if not frames or int(ids[0].split(b"-")[0]) != first:
+            return Range(position, first, [], False)
+        return Range(position, first, frames, len(frames) == missed)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
