@@ -229,6 +229,7 @@ class _Session:
     def _register(self, channel: str) -> None:
         self.conn.channels.add(channel)
         self.service.hub.add(channel, self.conn.outbound)  # type: ignore[arg-type]
+        self.service.hub.activate(channel, self.conn.outbound)  # type: ignore[arg-type]
 
     async def _confirm(self, channel: str) -> bool:
         # The ack means "publications from now on reach you": wait for Redis to confirm. While

@@ -1,8 +1,22 @@
-"""The hub: which local connections listen to which channel, and fan-out to them.
+"""The hub: which local connections listen to which channel, per-channel offsets, and fan-out.
 
 Fan-out calls ``offer`` on each connection's outbound path: it never awaits, so one slow client
 cannot delay another. The hub knows nothing of Redis; ``on_first`` and ``on_last`` tell whoever
-wires it (the app, to the broker) when a channel gains its first or loses its last local listener.
+wires it (to the broker) when a channel gains its first or loses its last local listener, and
+``on_hole`` when publications of a channel are missing (to read them from the history).
+
+Offsets. For each channel the hub knows its epoch and the last offset it accepted. A publication
+that follows it is delivered; one already seen (a history read and the live stream overlap) is
+dropped; one that skips ahead is held, with every one after it, until ``fill`` brings the missing
+range; what the history could not supply, or a change of epoch (Redis lost the channel), reaches
+the listeners as one ``gap`` frame in its place. Until a channel's position is known
+(``set_position``, once Redis confirmed the subscription) its publications are held too, so the
+position in a ``subscribed`` ack is exact. Frames without an offset (a raw PUBLISH) pass as they are.
+
+A connection joins a channel in two steps: ``add`` (counts for the Redis subscription, receives
+nothing yet) and ``activate`` (receives every publication after ``position``), so the endpoint can
+first write what the connection recovers, then the ack, then let live publications follow, with no
+hole and no duplicate in between.
 """
 
 from __future__ import annotations
@@ -11,12 +25,16 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from service import codec
 from service.outbound import Message, Outbound
 
 # A batch is flushed early at this many publications or bytes (or a quarter of a connection's
 # queue bound, if smaller), so one burst never becomes one write near a connection's bound.
 MAX_BATCH = 64
 MAX_BATCH_BYTES = 64 * 1024
+# Publications held per channel while a hole is filled; past it the hole is given up (a gap).
+MAX_HELD = 10_000
+_ALL = float("inf")  # a read's top meaning "nothing more can be read": every hole is a gap
 
 
 class _Batch:
@@ -29,6 +47,19 @@ class _Batch:
         self.size = 0
 
 
+class _Channel:
+    __slots__ = ("epoch", "filling", "held", "last_publish", "listeners", "offset", "parked")
+
+    def __init__(self) -> None:
+        self.listeners: dict[Outbound, None] = {}
+        self.parked: dict[Outbound, None] = {}
+        self.last_publish = time.monotonic()
+        self.epoch: str | None = None  # None until the position is known
+        self.offset = 0  # the last offset accepted (delivered, or waiting in the batch)
+        self.held: dict[tuple[str, int], bytes] = {}  # (epoch, offset) -> payload, after a hole
+        self.filling = False
+
+
 class Hub:
     def __init__(
         self,
@@ -36,38 +67,93 @@ class Hub:
         on_last: Callable[[str], None],
         queue_frames: int = 4 * MAX_BATCH,
         queue_bytes: int = 4 * MAX_BATCH_BYTES,
+        on_hole: Callable[[str, int, str], None] | None = None,
     ) -> None:
         self._max_batch = max(1, min(MAX_BATCH, queue_frames // 4))
         self._max_batch_bytes = max(1, min(MAX_BATCH_BYTES, queue_bytes // 4))
-        self._channels: dict[str, dict[Outbound, None]] = {}
-        self._last_publish: dict[str, float] = {}
+        self._channels: dict[str, _Channel] = {}
         self._pending: dict[str, _Batch] = {}
         self._flush_scheduled = False
         self._on_first = on_first
         self._on_last = on_last
+        # Called with (channel, last offset accepted, epoch) when publications after that offset
+        # are missing; the callee reads them and calls ``fill``.
+        self._on_hole = on_hole
         # Called once per message per worker with the message and the number of connections it
         # was offered to; the metrics module hooks fan-out latency here.
         self.on_fanout: Callable[[Message, int], None] | None = None
+        self.duplicates = 0  # publications dropped as already delivered
+        self.gaps = 0  # gap frames offered to connections
+        self.holes = 0  # holes detected
+
+    # --- listeners -------------------------------------------------------------------------------
 
     def add(self, channel: str, outbound: Outbound) -> None:
-        listeners = self._channels.get(channel)
-        if listeners is None:
-            listeners = self._channels[channel] = {}
-            self._last_publish[channel] = time.monotonic()
+        """Count ``outbound`` as a listener of ``channel`` (for the Redis subscription); it receives
+        nothing until ``activate``."""
+        state = self._channels.get(channel)
+        if state is None:
+            state = self._channels[channel] = _Channel()
             self._on_first(channel)
-        listeners[outbound] = None
+        if outbound not in state.listeners:
+            state.parked[outbound] = None
+
+    def activate(self, channel: str, outbound: Outbound) -> None:
+        """From now on ``outbound`` receives every publication of ``channel`` after ``position``."""
+        state = self._channels.get(channel)
+        if state is not None and state.parked.pop(outbound, 0) is None:
+            state.listeners[outbound] = None
 
     def discard(self, channel: str, outbound: Outbound) -> None:
-        listeners = self._channels.get(channel)
-        if listeners is None:
+        state = self._channels.get(channel)
+        if state is None:
             return
-        listeners.pop(outbound, None)
-        if not listeners:
+        state.listeners.pop(outbound, None)
+        state.parked.pop(outbound, None)
+        if not state.listeners and not state.parked:
             del self._channels[channel]
-            self._last_publish.pop(channel, None)
+            self._pending.pop(channel, None)
             self._on_last(channel)
 
-    def publish(self, channel: str, payload: bytes) -> int:
+    def position(self, channel: str) -> tuple[int, str] | None:
+        """(offset, epoch): a connection activated now receives every publication after offset.
+
+        None while the channel's position is not known yet (see ``set_position``).
+        """
+        state = self._channels.get(channel)
+        if state is None or state.epoch is None:
+            return None
+        batch = self._pending.pop(channel, None)
+        if batch is not None:
+            # What waits for the next loop iteration goes to the current listeners now, so that
+            # "after offset" is exact for the one activated next.
+            self._fan_out(channel, batch)
+        return state.offset, state.epoch
+
+    def set_position(self, channel: str, offset: int, epoch: str) -> None:
+        """The channel's top in Redis, read after the subscription was confirmed: publications
+        held until now that are not after it are dropped, the rest delivered."""
+        state = self._channels.get(channel)
+        if state is None or state.epoch is not None:
+            return
+        state.epoch, state.offset = epoch, offset
+        # Held publications of another epoch are older than the position just read.
+        for key in [k for k in state.held if k[0] != epoch]:
+            del state.held[key]
+        self._release(channel, state, top=offset)
+
+    def begin_check(self, channel: str) -> tuple[int, str] | None:
+        """Hold the channel's publications for a history read after its last accepted offset
+        (after a pub/sub reconnect); returns (offset, epoch), or None when nothing needs it."""
+        state = self._channels.get(channel)
+        if state is None or state.epoch is None or state.filling:
+            return None
+        state.filling = True
+        return state.offset, state.epoch
+
+    # --- publications ----------------------------------------------------------------------------
+
+    def publish(self, channel: str, payload: bytes, offset: int | None = None, epoch: str | None = None) -> int:
         """Queue one publication for the local listeners of ``channel``; returns how many there are.
 
         Publications that arrive together (the broker reads them from one socket read without
@@ -76,9 +162,95 @@ class Hub:
         Alone, a publication waits for no timer: just until the broker's read loop yields.
         Raises UnicodeDecodeError for a payload that is not UTF-8 (the caller counts it).
         """
-        listeners = self._channels.get(channel)
-        if not listeners:
+        state = self._channels.get(channel)
+        if state is None:
             return 0
+        if offset is not None and epoch is not None:
+            if state.epoch is None or state.filling or epoch != state.epoch or offset != state.offset + 1:
+                self._sequence(channel, state, payload, offset, epoch)
+                return len(state.listeners)
+            state.offset = offset
+        self._enqueue(channel, payload)
+        return len(state.listeners)
+
+    def _sequence(self, channel: str, state: _Channel, payload: bytes, offset: int, epoch: str) -> None:
+        """A publication that does not simply follow the last one accepted."""
+        payload.decode()  # refuse a non-UTF-8 payload now, as for one delivered at once
+        if epoch == state.epoch and offset <= state.offset:
+            self.duplicates += 1
+            return
+        state.held[(epoch, offset)] = payload
+        if state.epoch is None or state.filling:
+            if len(state.held) > MAX_HELD:
+                # The read takes too long: give the hole up rather than hold without a bound.
+                state.filling = False
+                self._release(channel, state, top=_ALL)
+            return
+        if epoch != state.epoch:
+            self._release(channel, state, top=_ALL)  # Redis lost the channel: a new lifetime starts
+        else:
+            self._start_fill(channel, state)
+
+    def fill(self, channel: str, epoch: str, top: int, frames: list[tuple[int, bytes]]) -> None:
+        """The end of a history read: ``frames`` (offset, frame) of ``epoch``, whose top was ``top``.
+
+        What the read could not supply up to its top is lost (announced as a gap); a hole above
+        it (publications lost while reading) makes another read; then the held publications follow.
+        """
+        state = self._channels.get(channel)
+        if state is None or not state.filling:
+            return
+        state.filling = False
+        if epoch != state.epoch:
+            # The channel's epoch changed under the hole: the old lifetime has nothing more to give.
+            self._release(channel, state, top=_ALL)
+            return
+        for offset, frame in frames:
+            state.held.setdefault((epoch, offset), frame)
+        self._release(channel, state, top=top)
+
+    def _release(self, channel: str, state: _Channel, top: float) -> None:
+        """Deliver the held publications in order, announcing a gap before any that does not follow.
+
+        Offsets up to ``top`` that are missing are lost; a hole above it makes another read.
+        """
+        current = state.epoch
+        items = sorted(state.held.items(), key=lambda item: (item[0][0] != current, item[0][1]))
+        state.held.clear()
+        for index, ((epoch, offset), payload) in enumerate(items):
+            if epoch != state.epoch:
+                # A new lifetime of the channel (Redis lost it): whatever of the old one was not
+                # delivered is lost, and the new one is read from its start.
+                self._gap(channel, state, 0, epoch)
+                top = -1
+            if offset <= state.offset:
+                self.duplicates += 1
+                continue
+            if offset != state.offset + 1 and state.offset < top:
+                self._gap(channel, state, int(min(top, offset - 1)), epoch)
+            if offset != state.offset + 1:
+                state.held.update(items[index:])
+                self._start_fill(channel, state)
+                return
+            state.offset = offset
+            self._enqueue(channel, payload)
+
+    def _start_fill(self, channel: str, state: _Channel) -> None:
+        assert state.epoch is not None
+        self.holes += 1
+        state.filling = True
+        if self._on_hole is not None:
+            self._on_hole(channel, state.offset, state.epoch)
+        else:
+            state.filling = False
+            self._release(channel, state, top=_ALL)
+
+    def _gap(self, channel: str, state: _Channel, offset: int, epoch: str) -> None:
+        state.epoch, state.offset = epoch, offset
+        self.gaps += len(state.listeners)
+        self._enqueue(channel, codec.control("gap", channel=channel, offset=offset, epoch=epoch).encode())
+
+    def _enqueue(self, channel: str, payload: bytes) -> None:
         text = payload.decode()
         batch = self._pending.get(channel)
         if batch is None:
@@ -92,7 +264,6 @@ class Hub:
         if len(batch.payloads) >= self._max_batch or batch.size >= self._max_batch_bytes:
             del self._pending[channel]
             self._fan_out(channel, batch)
-        return len(listeners)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -101,11 +272,14 @@ class Hub:
             self._fan_out(channel, batch)
 
     def _fan_out(self, channel: str, batch: _Batch) -> None:
-        listeners = self._channels.get(channel)
+        state = self._channels.get(channel)
+        if state is None:
+            return
+        state.last_publish = time.monotonic()
+        listeners = state.listeners
         if not listeners:
             return
         message = Message(channel, batch.payloads, batch.arrived, batch.texts)
-        self._last_publish[channel] = time.monotonic()
         # No copy of the listeners: offer() never changes subscriptions synchronously (a slow
         # client's close only schedules its endpoint to unregister it).
         for outbound in listeners:
@@ -113,9 +287,16 @@ class Hub:
         if self.on_fanout is not None:
             self.on_fanout(message, len(listeners))
 
+    # --- for the wiring and the stats ------------------------------------------------------------
+
     def last_publish(self, channel: str) -> float:
-        return self._last_publish.get(channel, 0.0)
+        state = self._channels.get(channel)
+        return state.last_publish if state is not None else 0.0
+
+    def positioned(self) -> list[str]:
+        """The channels whose position is known (to check with ``begin_check`` after a reconnect)."""
+        return [name for name, s in self._channels.items() if s.epoch is not None]
 
     def channels(self) -> dict[str, int]:
         """Local listeners per channel."""
-        return {name: len(listeners) for name, listeners in self._channels.items()}
+        return {name: len(s.listeners) + len(s.parked) for name, s in self._channels.items()}

@@ -146,6 +146,7 @@ async def test_hub_batches_what_arrives_together_and_flushes_on_the_next_iterati
     hub = Hub(firsts.append, lambda c: None, queue_frames=8, queue_bytes=1 << 20)  # batches of at most 2
     out = _Collect()
     hub.add("c", out)
+    hub.activate("c", out)
     assert firsts == ["c"]
     assert hub.publish("c", b'"a"') == 1
     assert out.messages == []  # waits only for the loop to turn
