@@ -110,15 +110,16 @@ class Published:
 
 @dataclass(frozen=True, slots=True)
 class Range:
-    """What the history holds after an offset: ``frames`` are offsets ``first``.. in order.
+    """What the history holds after an offset: ``frames`` as (offset, frame), in order.
 
     ``complete`` is True when they are exactly every publication after the offset asked for, up to
-    the top (or there were none): the history reached back far enough and the epoch is the same.
+    the top ``position`` (or there were none): the history reached back far enough and the epoch
+    is the one asked for. An incomplete range still carries what the history holds of the epoch
+    asked for (a worker filling a hole delivers that much and announces a gap for the rest).
     """
 
     position: Position
-    first: int
-    frames: list[bytes]
+    frames: list[tuple[int, bytes]]
     complete: bool
 
 
@@ -166,26 +167,18 @@ class History:
         return Position(int(reply[0]), _text(reply[1]))
 
     async def read(self, channel: str, since: Position) -> Range:
-        """Publications after ``since``: every one up to the top when the history still holds them.
-
-        A different epoch, or a history that no longer reaches back to ``since.offset + 1``, gives
-        an incomplete range with no frames: what was missed cannot be told from Redis any more.
-        """
+        """Publications after ``since``, up to the channel's top, as far as the history holds them."""
         reply = await self._call("wsb_range", channel, str(since.offset), str(self.size))
-        epoch = reply[1]
-        if epoch is None:  # the channel has no metadata at all: nothing since can be recovered
-            return Range(Position(0, ""), since.offset + 1, [], since.offset == 0 and not since.epoch)
-        position = Position(int(reply[0]), _text(epoch))
-        ids, frames = reply[2::2], list(reply[3::2])
-        first = since.offset + 1
+        if reply[1] is None:  # no metadata at all: the channel never existed or Redis lost it
+            return Range(Position(0, ""), [], False)
+        position = Position(int(reply[0]), _text(reply[1]))
         if position.epoch != since.epoch or since.offset > position.offset:
-            return Range(position, first, [], False)
+            return Range(position, [], False)
+        ids, found = reply[2::2], reply[3::2]
+        frames = [(int(entry_id.split(b"-")[0]), frame) for entry_id, frame in zip(ids, found, strict=True)]
         missed = position.offset - since.offset
-        if missed == 0:
-            return Range(position, first, [], True)
-        if not frames or int(ids[0].split(b"-")[0]) != first:
-            return Range(position, first, [], False)
-        return Range(position, first, frames, len(frames) == missed)
+        complete = len(frames) == missed and (missed == 0 or frames[0][0] == since.offset + 1)
+        return Range(position, frames, complete)
 
 
 def _text(value: Any) -> str:
