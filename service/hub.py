@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 from service import codec
@@ -35,6 +36,9 @@ MAX_BATCH_BYTES = 64 * 1024
 # Publications held per channel while a hole is filled; past it the hole is given up (a gap).
 MAX_HELD = 10_000
 _ALL = float("inf")  # a read's top meaning "nothing more can be read": every hole is a gap
+# While clients recover a channel, the hub keeps its latest publications in memory, so that one
+# history read serves a reconnect storm: at most this many bytes over all channels.
+RECENT_BYTES_TOTAL = 16 * 1024 * 1024
 
 
 class _Batch:
@@ -48,7 +52,10 @@ class _Batch:
 
 
 class _Channel:
-    __slots__ = ("epoch", "filling", "held", "last_publish", "listeners", "offset", "parked")
+    __slots__ = (
+        "epoch", "filling", "held", "last_publish", "listeners", "offset", "parked", "recent", "recent_bytes",
+        "recent_until",
+    )
 
     def __init__(self) -> None:
         self.listeners: dict[Outbound, None] = {}
@@ -58,6 +65,10 @@ class _Channel:
         self.offset = 0  # the last offset accepted (delivered, or waiting in the batch)
         self.held: dict[tuple[str, int], bytes] = {}  # (epoch, offset) -> payload, after a hole
         self.filling = False
+        # The latest publications, contiguous up to ``offset``, while clients recover (else None).
+        self.recent: deque[tuple[int, bytes]] | None = None
+        self.recent_bytes = 0
+        self.recent_until = 0.0
 
 
 class Hub:
@@ -68,6 +79,7 @@ class Hub:
         queue_frames: int = 4 * MAX_BATCH,
         queue_bytes: int = 4 * MAX_BATCH_BYTES,
         on_hole: Callable[[str, int, str], None] | None = None,
+        recent_size: int = 100,
     ) -> None:
         self._max_batch = max(1, min(MAX_BATCH, queue_frames // 4))
         self._max_batch_bytes = max(1, min(MAX_BATCH_BYTES, queue_bytes // 4))
@@ -82,6 +94,9 @@ class Hub:
         # Called once per message per worker with the message and the number of connections it
         # was offered to; the metrics module hooks fan-out latency here.
         self.on_fanout: Callable[[Message, int], None] | None = None
+        self._recent_size = recent_size
+        self._recent_bytes_max = max(1, min(RECENT_BYTES_TOTAL, queue_bytes))
+        self._recent_total = 0
         self.duplicates = 0  # publications dropped as already delivered
         self.gaps = 0  # gap frames offered to connections
         self.holes = 0  # holes detected
@@ -113,6 +128,8 @@ class Hub:
         if not state.listeners and not state.parked:
             del self._channels[channel]
             self._pending.pop(channel, None)
+            if state.recent is not None:
+                self._drop_recent(state)
             self._on_last(channel)
 
     def position(self, channel: str) -> tuple[int, str] | None:
@@ -170,6 +187,8 @@ class Hub:
                 self._sequence(channel, state, payload, offset, epoch)
                 return len(state.listeners)
             state.offset = offset
+            if state.recent is not None:
+                self._remember(state, offset, payload)
         self._enqueue(channel, payload)
         return len(state.listeners)
 
@@ -233,6 +252,8 @@ class Hub:
                 self._start_fill(channel, state)
                 return
             state.offset = offset
+            if state.recent is not None:
+                self._remember(state, offset, payload)
             self._enqueue(channel, payload)
 
     def _start_fill(self, channel: str, state: _Channel) -> None:
@@ -247,6 +268,9 @@ class Hub:
 
     def _gap(self, channel: str, state: _Channel, offset: int, epoch: str) -> None:
         state.epoch, state.offset = epoch, offset
+        if state.recent is not None:
+            self._drop_recent(state)
+            state.recent = deque()  # what precedes a gap is not recoverable from here
         self.gaps += len(state.listeners)
         self._enqueue(channel, codec.control("gap", channel=channel, offset=offset, epoch=epoch).encode())
 
@@ -286,6 +310,68 @@ class Hub:
             outbound.offer(message)
         if self.on_fanout is not None:
             self.on_fanout(message, len(listeners))
+
+    # --- what clients recovering a channel are served from ----------------------------------------
+
+    def recent(self, channel: str, after: int, epoch: str) -> list[tuple[int, bytes]] | None:
+        """The publications after ``after`` up to ``position``, when memory still holds them all.
+
+        Call it right before ``activate``, with no await in between.
+        """
+        state = self._channels.get(channel)
+        position = self.position(channel)
+        if state is None or position is None or position[1] != epoch or after > position[0]:
+            return None
+        if after == position[0]:
+            return []
+        recent = state.recent
+        if not recent or recent[0][0] > after + 1:
+            return None
+        return [item for item in recent if item[0] > after]
+
+    def remember(self, channel: str, epoch: str, frames: list[tuple[int, bytes]], window: float) -> None:
+        """Keep the channel's latest publications for ``window`` seconds, starting from ``frames``
+        (a history read), if they reach up to the last accepted offset without a hole."""
+        state = self._channels.get(channel)
+        if state is None or state.epoch != epoch:
+            return
+        state.recent_until = time.monotonic() + window
+        if state.recent is not None:
+            return
+        kept = [item for item in frames if item[0] <= state.offset]
+        # A read's frames are in order without repeats: contiguous when first to last spans them all.
+        if not kept or kept[-1][0] != state.offset or kept[-1][0] - kept[0][0] + 1 != len(kept):
+            return
+        state.recent = deque()
+        for offset, frame in kept:
+            self._remember(state, offset, frame)
+
+    def _remember(self, state: _Channel, offset: int, frame: bytes) -> None:
+        recent = state.recent
+        assert recent is not None
+        recent.append((offset, frame))
+        state.recent_bytes += len(frame)
+        self._recent_total += len(frame)
+        while recent and (
+            len(recent) > self._recent_size
+            or state.recent_bytes > self._recent_bytes_max
+            or self._recent_total > RECENT_BYTES_TOTAL
+        ):
+            _, dropped = recent.popleft()
+            state.recent_bytes -= len(dropped)
+            self._recent_total -= len(dropped)
+
+    def _drop_recent(self, state: _Channel) -> None:
+        self._recent_total -= state.recent_bytes
+        state.recent_bytes = 0
+        state.recent = None
+
+    def forget_recent(self, now: float | None = None) -> None:
+        """Drop the kept publications of channels no client recovered for a while."""
+        now = time.monotonic() if now is None else now
+        for state in self._channels.values():
+            if state.recent is not None and state.recent_until < now:
+                self._drop_recent(state)
 
     # --- for the wiring and the stats ------------------------------------------------------------
 

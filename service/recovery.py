@@ -1,0 +1,188 @@
+"""Recovery: history reads that fill the hub's holes and serve clients subscribing with ``since``.
+
+One worker reads for all its connections. Reads are coalesced per channel (a read under way from
+an offset serves every request from that offset on) and bounded in concurrency; after a read the
+hub keeps the channel's latest publications in memory for a while (``Hub.remember``), so the
+thousands of clients of a restarted worker that reconnect with ``since`` cost a handful of reads,
+not one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from service.history import History, Position, Range
+from service.hub import Hub
+from service.ratelog import RateLimitedLog
+
+log = logging.getLogger("wsbroadcast.recovery")
+
+CONCURRENT_READS = 4
+# How long the hub keeps a channel's latest publications after a client recovered it.
+RECENT_WINDOW = 10.0
+FILL_ATTEMPTS = 8
+FILL_BACKOFF_CAP = 1.0
+RECOVER_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """What a client subscribing with ``since`` gets before its ack, and the ack's position."""
+
+    frames: list[tuple[int, bytes]]
+    recovered: bool
+    offset: int
+    epoch: str
+
+
+class Recovery:
+    def __init__(self, history: History, hub: Hub) -> None:
+        self._history = history
+        self._hub = hub
+        self._limit = asyncio.Semaphore(CONCURRENT_READS)
+        self._reads: dict[str, list[tuple[Position, asyncio.Task[Range]]]] = {}
+        self._positions: dict[str, asyncio.Task[Position]] = {}
+        self._fills: set[asyncio.Task[None]] = set()
+        self._log = RateLimitedLog(log)
+        self.reads = 0
+        self.holes_filled = 0
+        self.recovered = 0
+        self.not_recovered = 0
+
+    # --- positions -------------------------------------------------------------------------------
+
+    async def position(self, channel: str) -> tuple[int, str]:
+        """The channel's position in the hub, read from Redis (once per channel) if not known yet.
+
+        Call it once Redis has confirmed the subscription: from then on no publication is missed.
+        Raises RedisError/OSError when Redis cannot be read.
+        """
+        known = self._hub.position(channel)
+        if known is not None:
+            return known
+        task = self._positions.get(channel)
+        if task is None:
+            task = self._positions[channel] = asyncio.create_task(self._history.position(channel))
+            task.add_done_callback(lambda _: self._positions.pop(channel, None))
+        read = await asyncio.shield(task)
+        self._hub.set_position(channel, read.offset, read.epoch)
+        known = self._hub.position(channel)
+        return known if known is not None else (read.offset, read.epoch)
+
+    # --- clients ---------------------------------------------------------------------------------
+
+    async def recover(self, channel: str, since: Position) -> Recovered:
+        """What a client that last saw ``since`` missed, up to the hub's position, or recovered=False.
+
+        Activate the client in the hub right after this returns, with no await in between: the
+        frames run exactly up to the returned offset, and live publications follow from there.
+        Raises RedisError/OSError when Redis cannot be read.
+        """
+        for _ in range(RECOVER_ATTEMPTS):
+            offset, epoch = await self.position(channel)
+            frames = self._hub.recent(channel, since.offset, since.epoch)
+            if frames is not None:
+                return self._answer(frames, True, offset, epoch)
+            if since.epoch != epoch or since.offset > offset:
+                return self._answer([], False, offset, epoch)
+            got = await self._read(channel, since)
+            frames, complete = _after(got, since)
+            if not complete:
+                position = self._hub.position(channel) or (got.position.offset, got.position.epoch)
+                return self._answer([], False, *position)
+            self._hub.remember(channel, got.position.epoch, got.frames, RECENT_WINDOW)
+            position = self._hub.position(channel)
+            if position is not None and position[1] == got.position.epoch and got.position.offset >= position[0]:
+                return self._answer([f for f in frames if f[0] <= position[0]], True, *position)
+            # The worker got publications the read did not see yet: the kept ones may cover them now.
+        offset, epoch = await self.position(channel)
+        frames = self._hub.recent(channel, since.offset, since.epoch)
+        return self._answer(frames or [], frames is not None, offset, epoch)
+
+    def _answer(self, frames: list[tuple[int, bytes]], recovered: bool, offset: int, epoch: str) -> Recovered:
+        if recovered:
+            self.recovered += 1
+        else:
+            self.not_recovered += 1
+        return Recovered(frames, recovered, offset, epoch)
+
+    # --- holes -----------------------------------------------------------------------------------
+
+    def on_hole(self, channel: str, offset: int, epoch: str) -> None:
+        """Hub.on_hole: read what is missing after ``offset`` and hand it to the hub."""
+        task = asyncio.get_running_loop().create_task(self._fill(channel, Position(offset, epoch)))
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    def check_all(self) -> None:
+        """After a pub/sub reconnect: read every positioned channel's publications since its last
+        accepted offset, so whatever was published while the listener was away is delivered."""
+        for channel in self._hub.positioned():
+            begun = self._hub.begin_check(channel)
+            if begun is not None:
+                self.on_hole(channel, *begun)
+
+    async def _fill(self, channel: str, since: Position) -> None:
+        delay = 0.05
+        for _ in range(FILL_ATTEMPTS):
+            try:
+                got = await self._read(channel, since)
+            except (RedisError, OSError) as exc:
+                self._log.warning("fill", "history read for %r failed: %s; retrying", channel, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, FILL_BACKOFF_CAP)
+                continue
+            self.holes_filled += 1
+            self._hub.fill(channel, got.position.epoch, got.position.offset, got.frames)
+            return
+        # Redis could not be read for a long while: what is missing is announced as lost.
+        self._hub.fill(channel, since.epoch, sys.maxsize, [])
+
+    async def stop(self) -> None:
+        tasks = [*self._fills, *self._positions.values(), *(t for reads in self._reads.values() for _, t in reads)]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def _read(self, channel: str, since: Position) -> Range:
+        """A history read after ``since``; a read under way from ``since`` or before serves it."""
+        for after, task in self._reads.get(channel, ()):
+            if after.epoch == since.epoch and after.offset <= since.offset:
+                return await asyncio.shield(task)
+        task = asyncio.get_running_loop().create_task(self._read_now(channel, since))
+        entry = (since, task)
+        self._reads.setdefault(channel, []).append(entry)
+
+        def done(_: asyncio.Task[Range]) -> None:
+            reads = self._reads.get(channel)
+            if reads is not None:
+                reads.remove(entry)
+                if not reads:
+                    del self._reads[channel]
+
+        task.add_done_callback(done)
+        # Shielded: a client that leaves must not cancel a read that others wait for.
+        return await asyncio.shield(task)
+
+    async def _read_now(self, channel: str, since: Position) -> Range:
+        async with self._limit:
+            self.reads += 1
+            return await self._history.read(channel, since)
+
+
+def _after(got: Range, since: Position) -> tuple[list[tuple[int, bytes]], bool]:
+    """The part of a (possibly shared) read after ``since``, and whether it is complete from there."""
+    top = got.position.offset
+    if got.position.epoch != since.epoch or since.offset > top:
+        return [], False
+    frames = [f for f in got.frames if f[0] > since.offset]
+    missed = top - since.offset
+    complete = missed == 0 or (len(frames) == missed and frames[0][0] == since.offset + 1)
+    return frames, complete

@@ -1,0 +1,146 @@
+"""Recovery against a real Redis: holes filled by the worker, clients recovered, reads coalesced."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from scripts.redis_server import PrivateRedis
+from service.history import History, Position
+from service.hub import Hub
+from service.keys import Keys
+from service.outbound import Message
+from service.recovery import Recovery
+
+
+class _Collect:
+    direct: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    def offer(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def depth(self) -> tuple[int, int]:
+        return 0, 0
+
+    def seen(self) -> list[Any]:
+        frames = [orjson.loads(text) for m in self.messages for text in m.texts]
+        return [("gap", f["offset"]) if f.get("op") == "gap" else f["offset"] for f in frames]
+
+
+class _Worker:
+    """A hub, its recovery and one listener of channel "c", fed the frames Redis built."""
+
+    def __init__(self, redis: Redis, size: int = 50) -> None:
+        self.redis = redis
+        self.keys = Keys(f"r{uuid.uuid4().hex[:8]}:")
+        self.history = History(redis, self.keys, size, 60.0, 3600.0)
+        self.hub = Hub(lambda c: None, lambda c: None, on_hole=self._on_hole)
+        self.recovery = Recovery(self.history, self.hub)
+        self.out = _Collect()
+        self.frames: dict[int, bytes] = {}
+
+    def _on_hole(self, channel: str, offset: int, epoch: str) -> None:
+        self.recovery.on_hole(channel, offset, epoch)
+
+    async def start(self) -> tuple[int, str]:
+        self.hub.add("c", self.out)
+        position = await self.recovery.position("c")
+        self.hub.activate("c", self.out)
+        return position
+
+    async def publish(self, count: int) -> str:
+        """Publish through the function; keep each frame as pub/sub carried it."""
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(self.keys.channel("c"))
+        await pubsub.get_message(timeout=2)
+        epoch = ""
+        for _ in range(count):
+            published = await self.history.publish("c", b'{"x":1}')
+            epoch = published.epoch
+            message = await pubsub.get_message(timeout=2)
+            assert message is not None
+            self.frames[published.offset] = message["data"]
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        return epoch
+
+    def deliver(self, *offsets: int, epoch: str) -> None:
+        """As the pub/sub listener would: only these reach the worker (the others were lost)."""
+        for offset in offsets:
+            self.hub.publish("c", self.frames[offset], offset, epoch)
+
+
+@pytest.fixture
+async def redis(redis_server: PrivateRedis) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _settled(out: _Collect, expected: list[Any]) -> None:
+    for _ in range(500):
+        if out.seen() == expected:
+            return
+        await asyncio.sleep(0.01)
+    assert out.seen() == expected
+
+
+async def test_the_worker_fills_a_hole_from_the_history_before_what_followed(redis: Redis) -> None:
+    w = _Worker(redis)
+    assert (await w.start())[0] == 0
+    epoch = await w.publish(5)
+    w.deliver(1, 4, 5, epoch=epoch)  # 2 and 3 were lost between Redis and the worker
+    await _settled(w.out, [1, 2, 3, 4, 5])
+    assert w.recovery.holes_filled == 1 and w.hub.gaps == 0
+
+
+async def test_after_a_reconnect_the_worker_reads_what_it_missed(redis: Redis) -> None:
+    w = _Worker(redis)
+    await w.start()
+    epoch = await w.publish(3)
+    w.deliver(1, epoch=epoch)
+    w.recovery.check_all()  # nothing else arrived: 2 and 3 were published while it was away
+    await _settled(w.out, [1, 2, 3])
+
+
+async def test_what_the_history_no_longer_holds_reaches_the_listeners_as_a_gap(redis: Redis) -> None:
+    w = _Worker(redis, size=3)
+    await w.start()
+    epoch = await w.publish(8)
+    w.deliver(1, 8, epoch=epoch)
+    await _settled(w.out, [1, ("gap", 5), 6, 7, 8])
+
+
+async def test_two_thousand_clients_recovering_one_channel_cost_a_handful_of_reads(redis: Redis) -> None:
+    w = _Worker(redis)
+    await w.start()
+    epoch = await w.publish(20)
+    w.deliver(*range(1, 21), epoch=epoch)
+    results = await asyncio.gather(*(w.recovery.recover("c", Position(10 + n % 5, epoch)) for n in range(2000)))
+    assert all(r.recovered and r.offset == 20 and r.epoch == epoch for r in results)
+    for n, result in enumerate(results):
+        assert [offset for offset, _ in result.frames] == list(range(11 + n % 5, 21))
+    assert w.recovery.reads <= 3, w.recovery.reads
+
+
+async def test_a_client_too_far_behind_or_of_another_epoch_is_told_it_did_not_recover(redis: Redis) -> None:
+    w = _Worker(redis, size=3)
+    await w.start()
+    epoch = await w.publish(10)
+    w.deliver(*range(1, 11), epoch=epoch)
+    behind = await w.recovery.recover("c", Position(2, epoch))
+    assert (behind.recovered, behind.frames, behind.offset) == (False, [], 10)
+    other = await w.recovery.recover("c", Position(9, "another"))
+    assert (other.recovered, other.frames, other.offset, other.epoch) == (False, [], 10, epoch)
+    near = await w.recovery.recover("c", Position(8, epoch))
+    assert near.recovered and [o for o, _ in near.frames] == [9, 10]
