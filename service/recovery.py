@@ -93,12 +93,12 @@ class Recovery:
             got = await self._read(channel, since)
             frames, complete = _after(got, since)
             if not complete:
-                position = self._hub.position(channel) or (got.position.offset, got.position.epoch)
-                return self._answer([], False, *position)
+                offset, epoch = self._hub.position(channel) or (got.position.offset, got.position.epoch)
+                return self._answer([], False, offset, epoch)
             self._hub.remember(channel, got.position.epoch, got.frames, RECENT_WINDOW)
-            position = self._hub.position(channel)
-            if position is not None and position[1] == got.position.epoch and got.position.offset >= position[0]:
-                return self._answer([f for f in frames if f[0] <= position[0]], True, *position)
+            now = self._hub.position(channel)
+            if now is not None and now[1] == got.position.epoch and got.position.offset >= now[0]:
+                return self._answer([f for f in frames if f[0] <= now[0]], True, *now)
             # The worker got publications the read did not see yet: the kept ones may cover them now.
         offset, epoch = await self.position(channel)
         frames = self._hub.recent(channel, since.offset, since.epoch)
