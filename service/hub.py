@@ -42,13 +42,15 @@ RECENT_BYTES_TOTAL = 16 * 1024 * 1024
 
 
 class _Batch:
-    __slots__ = ("arrived", "payloads", "size", "texts")
+    __slots__ = ("arrived", "epoch", "offset", "payloads", "size", "texts")
 
     def __init__(self, arrived: float) -> None:
         self.arrived = arrived
         self.payloads: list[bytes] = []
         self.texts: list[str] = []
         self.size = 0
+        self.offset: int | None = None
+        self.epoch: str | None = None
 
 
 class _Channel:
@@ -189,7 +191,7 @@ class Hub:
             state.offset = offset
             if state.recent is not None:
                 self._remember(state, offset, payload)
-        self._enqueue(channel, payload)
+        self._enqueue(channel, payload, offset, epoch)
         return len(state.listeners)
 
     def _sequence(self, channel: str, state: _Channel, payload: bytes, offset: int, epoch: str) -> None:
@@ -254,7 +256,7 @@ class Hub:
             state.offset = offset
             if state.recent is not None:
                 self._remember(state, offset, payload)
-            self._enqueue(channel, payload)
+            self._enqueue(channel, payload, offset, epoch)
 
     def _start_fill(self, channel: str, state: _Channel) -> None:
         assert state.epoch is not None
@@ -272,9 +274,10 @@ class Hub:
             self._drop_recent(state)
             state.recent = deque()  # what precedes a gap is not recoverable from here
         self.gaps += len(state.listeners)
-        self._enqueue(channel, codec.control("gap", channel=channel, offset=offset, epoch=epoch).encode())
+        frame = codec.control("gap", channel=channel, offset=offset, epoch=epoch).encode()
+        self._enqueue(channel, frame, offset, epoch)
 
-    def _enqueue(self, channel: str, payload: bytes) -> None:
+    def _enqueue(self, channel: str, payload: bytes, offset: int | None = None, epoch: str | None = None) -> None:
         text = payload.decode()
         batch = self._pending.get(channel)
         if batch is None:
@@ -285,6 +288,8 @@ class Hub:
         batch.payloads.append(payload)
         batch.texts.append(text)
         batch.size += len(payload)
+        if offset is not None:
+            batch.offset, batch.epoch = offset, epoch
         if len(batch.payloads) >= self._max_batch or batch.size >= self._max_batch_bytes:
             del self._pending[channel]
             self._fan_out(channel, batch)
@@ -303,7 +308,7 @@ class Hub:
         listeners = state.listeners
         if not listeners:
             return
-        message = Message(channel, batch.payloads, batch.arrived, batch.texts)
+        message = Message(channel, batch.payloads, batch.arrived, batch.texts, batch.offset, batch.epoch)
         # No copy of the listeners: offer() never changes subscriptions synchronously (a slow
         # client's close only schedules its endpoint to unregister it).
         for outbound in listeners:

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from service import codec
 from service.tracker import Counters
 
 
@@ -38,12 +39,14 @@ def ws_text_frame(payload: bytes) -> bytes:
 class Message:
     """Publications on one channel as they reach a worker, decoded and framed once, shared by every
     connection. Usually one; several when they arrived together (see ``Hub``), so that each
-    connection gets them in one write."""
+    connection gets them in one write. ``offset`` and ``epoch`` are those of the last publication
+    in it (None for frames published without an offset); ``control`` marks a frame built for one
+    connection (a gap), outside its queue's bounds."""
 
-    __slots__ = ("arrived", "channel", "count", "frame", "size", "texts")
+    __slots__ = ("arrived", "channel", "control", "count", "epoch", "frame", "offset", "size", "texts")
 
     def __init__(self, channel: str, payloads: bytes | list[bytes], arrived: float | None = None,
-                 texts: list[str] | None = None) -> None:
+                 texts: list[str] | None = None, offset: int | None = None, epoch: str | None = None) -> None:
         if isinstance(payloads, bytes):
             payloads = [payloads]
         self.channel = channel
@@ -53,6 +56,17 @@ class Message:
         self.size = sum(len(p) for p in payloads)
         self.count = len(payloads)
         self.arrived = time.perf_counter() if arrived is None else arrived
+        self.offset = offset
+        self.epoch = epoch
+        self.control = False
+
+
+def gap_message(channel: str, offset: int, epoch: str) -> Message:
+    """The gap frame that tells one connection it lost the publications of ``channel`` up to ``offset``."""
+    message = Message(channel, codec.control("gap", channel=channel, offset=offset, epoch=epoch).encode())
+    message.control = True
+    message.offset, message.epoch = offset, epoch
+    return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,24 +115,43 @@ class QueueOutbound:
                 self.closed = True
                 self._on_slow()
                 return
+            gaps: list[Message] = []
+            while queue and queue[0].control:
+                gaps.append(queue.popleft())
             while queue and (
                 self._frames + message.count > bounds.frames or self._bytes + message.size > bounds.bytes
             ):
                 oldest = queue.popleft()
                 self._frames -= oldest.count
                 self._bytes -= oldest.size
-                self._count_drop(oldest.count)
-            if message.count > bounds.frames or message.size > bounds.bytes:
-                self._count_drop(message.count)
+                self._drop(oldest, gaps)
+            too_big = message.count > bounds.frames or message.size > bounds.bytes
+            if too_big:
+                self._drop(message, gaps)
+            # The gaps go first: each announces, before any later publication of its channel, what
+            # this connection lost of it.
+            queue.extendleft(reversed(gaps))
+            if too_big:
+                self._wake.set()
                 return
         queue.append(message)
         self._frames += message.count
         self._bytes += message.size
         self._wake.set()
 
-    def _count_drop(self, frames: int) -> None:
-        self.dropped += frames
-        self._counters.dropped += frames
+    def _drop(self, message: Message, gaps: list[Message]) -> None:
+        if message.control:
+            gaps.append(message)
+            return
+        self.dropped += message.count
+        self._counters.dropped += message.count
+        if message.offset is not None and message.epoch is not None:
+            for index, gap in enumerate(gaps):
+                if gap.channel == message.channel:
+                    gaps[index] = gap_message(message.channel, message.offset, message.epoch)
+                    return
+            gaps.append(gap_message(message.channel, message.offset, message.epoch))
+            self._counters.gaps_sent += 1
 
     def depth(self) -> tuple[int, int]:
         return self._frames, self._bytes
@@ -132,6 +165,10 @@ class QueueOutbound:
                 await self._wake.wait()
                 continue
             message = queue.popleft()
+            if message.control:
+                for text in message.texts:
+                    await send_text(text)
+                continue
             self._frames -= message.count
             self._bytes -= message.size
             for text in message.texts:

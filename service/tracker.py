@@ -29,6 +29,7 @@ class Counters:
     slow_closed: int = 0
     delivered: int = 0
     dropped: int = 0
+    gaps_sent: int = 0
     published_http: int = 0
     received_redis: int = 0
     invalid_payloads: int = 0

@@ -97,6 +97,31 @@ async def test_queue_bound_in_bytes_drops_oldest() -> None:
     assert queue.depth() == (0, 0) and counters.dropped == 4
 
 
+async def test_drop_oldest_announces_what_each_channel_lost_with_one_gap_before_its_next_frame() -> None:
+    counters = Counters()
+    queue = QueueOutbound(Bounds(2, 1 << 20, True), counters, lambda: None)
+    for offset in (1, 2, 3, 4):
+        queue.offer(Message("a", b"%d" % offset, offset=offset, epoch="E"))
+    queue.offer(Message("b", b'"b7"', offset=7, epoch="F"))
+    queue.offer(Message("raw", b'"no offset"'))
+    queue.offer(Message("raw", b'"again"'))  # drops b7; a frame without offset is never announced
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    task = asyncio.create_task(queue.run(send))
+    for _ in range(50):
+        if len(sent) == 4:
+            break
+        await asyncio.sleep(0)
+    task.cancel()
+    gap = '{"op":"gap","channel":"%s","offset":%d,"epoch":"%s"}'
+    # One gap per channel (its latest loss), ahead of the frames that follow.
+    assert sent == [gap % ("a", 4, "E"), gap % ("b", 7, "F"), '"no offset"', '"again"']
+    assert (counters.dropped, counters.gaps_sent, counters.delivered) == (5, 2, 2)
+
+
 async def test_queue_writer_sends_in_order() -> None:
     queue, _ = await _queue(False, frames=10)
     sent: list[str] = []
