@@ -121,6 +121,9 @@ class Settings:
     publish_token: str = field(default="", repr=False)
     connect_secret: str = field(default="", repr=False)
     allowed_origins: tuple[str, ...] = ()
+    history_size: int = 100
+    history_ttl: float = 300.0
+    history_meta_ttl: float = 30 * 86400.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -138,6 +141,11 @@ class Settings:
                 shown = _shown(name, raw)
                 raise SettingsError(f"{name.upper()}={shown} is invalid: expected {allowed}") from None
         settings = cls(**values)
+        if settings.history_ttl > settings.history_meta_ttl:
+            raise SettingsError(
+                f"HISTORY_TTL={settings.history_ttl:g} is invalid: expected a number <= "
+                f"HISTORY_META_TTL ({settings.history_meta_ttl:g})"
+            )
         if settings.cleanup_interval > settings.idle_timeout:
             raise SettingsError(
                 f"CLEANUP_INTERVAL={settings.cleanup_interval:g} is invalid: expected a number <= "
@@ -213,4 +221,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "publish_token": _text,
     "connect_secret": _text,
     "allowed_origins": _origins,
+    "history_size": _int(0, 100000),
+    "history_ttl": _float(1, 30 * 86400),
+    "history_meta_ttl": _float(60, 3650 * 86400),
 }

@@ -21,6 +21,7 @@ def test_defaults_match_the_design() -> None:
     assert (s.slow_consumer_policy, s.idle_timeout, s.cleanup_interval) == ("disconnect", 900, 300)
     assert (s.heartbeat_interval, s.max_message_bytes, s.ws_compression) == (5, 65536, False)
     assert s.default_channel == "broadcast" and s.redis_prefix == "broadcast:"
+    assert (s.history_size, s.history_ttl, s.history_meta_ttl) == (100, 300, 30 * 86400)
 
 
 @pytest.mark.parametrize(
@@ -33,6 +34,9 @@ def test_defaults_match_the_design() -> None:
         ({"DEFAULT_CHANNEL": "a b"}, "DEFAULT_CHANNEL='a b' is invalid"),
         ({"IDLE_TIMEOUT": "10", "CLEANUP_INTERVAL": "20"}, "CLEANUP_INTERVAL=20 is invalid"),
         ({"ALLOWED_ORIGINS": "example.com"}, "ALLOWED_ORIGINS='example.com' is invalid"),
+        ({"HISTORY_SIZE": "-1"}, "HISTORY_SIZE='-1' is invalid: expected an integer >= 0 and <= 100000"),
+        ({"HISTORY_TTL": "0"}, "HISTORY_TTL='0' is invalid"),
+        ({"HISTORY_TTL": "7200", "HISTORY_META_TTL": "3600"}, "HISTORY_TTL=7200 is invalid: expected a number <= "),
     ],
 )
 def test_invalid_settings_name_variable_value_and_what_is_allowed(env: dict[str, str], fragment: str) -> None:
