@@ -20,6 +20,7 @@ retries once, so no publish fails for that.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +52,19 @@ local function position(meta, stream, meta_ttl)
 end
 
 redis.register_function('wsb_publish', function(keys, args)
-  local meta, stream = keys[1], keys[2]
+  -- keys: meta, stream[, idempotency key]; args: pub/sub channel, channel, data, history size,
+  -- history ttl ms, meta ttl ms[, idempotency window ms, fingerprint of the publication].
+  -- Answers {replayed (0/1), offset, epoch, receivers, fingerprint}.
+  local meta, stream, idem = keys[1], keys[2], keys[3]
   local pubsub, channel, data = args[1], args[2], args[3]
   local size, ttl, meta_ttl = tonumber(args[4]), tonumber(args[5]), tonumber(args[6])
+  if idem then
+    local first = redis.call('GET', idem)
+    if first then
+      local fp, offset, epoch, receivers = string.match(first, '^(%S*) (%d+) (%S+) (%d+)$')
+      return {1, tonumber(offset), epoch, tonumber(receivers), fp}
+    end
+  end
   if not pcall(cjson.decode, data) then
     return redis.error_reply('ERR wsbroadcast: data is not valid JSON')
   end
@@ -64,8 +75,16 @@ redis.register_function('wsb_publish', function(keys, args)
     redis.call('XADD', stream, 'MAXLEN', size, top .. '-0', 'f', frame)
     redis.call('PEXPIRE', stream, ttl)
   end
+  local fingerprint = args[8] or ''
+  if idem then
+    -- Written before the PUBLISH: a write refused here fails the call with nothing published.
+    redis.call('SET', idem, fingerprint .. ' ' .. top .. ' ' .. epoch .. ' 0', 'PX', args[7])
+  end
   local receivers = redis.call('PUBLISH', pubsub, frame)
-  return {top, epoch, receivers}
+  if idem then
+    redis.call('SET', idem, fingerprint .. ' ' .. top .. ' ' .. epoch .. ' ' .. receivers, 'PX', args[7])
+  end
+  return {0, top, epoch, receivers, fingerprint}
 end)
 
 redis.register_function('wsb_position', function(keys, args)
@@ -103,9 +122,16 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class Published:
+    """A publication's offset and epoch, and how many workers' listeners Redis handed it to.
+
+    ``replayed``: an earlier call with the same idempotency key made it; this is its result.
+    """
+
     offset: int
     epoch: str
     receivers: int
+    replayed: bool = False
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,29 +163,38 @@ class History:
         """Load (or replace) the function library."""
         await self._redis.function_load(LUA, replace=True)
 
-    async def _call(self, function: str, channel: str, *args: str | bytes) -> Any:
-        keys = (self._keys.meta(channel), self._keys.history(channel))
+    async def _call(self, function: str, channel: str, *args: str | bytes, keys: tuple[str, ...] = ()) -> Any:
+        keys = (self._keys.meta(channel), self._keys.history(channel), *keys)
         try:
-            return await self._redis.fcall(function, 2, *keys, *args)
+            return await self._redis.fcall(function, len(keys), *keys, *args)
         except ResponseError as exc:
-            if "function not found" not in str(exc).lower():
+            if not missing_library(exc):
                 raise
         await self.load()
-        return await self._redis.fcall(function, 2, *keys, *args)
+        return await self._redis.fcall(function, len(keys), *keys, *args)
 
-    async def publish(self, channel: str, data: bytes) -> Published:
-        """Publish the publisher's JSON ``data`` bytes (validated, never re-encoded) on ``channel``."""
-        reply = await self._call(
-            "wsb_publish",
-            channel,
-            self._keys.channel(channel),
-            channel,
-            data,
-            str(self.size),
-            self._ttl_ms,
-            self._meta_ttl_ms,
+    async def publish(self, channel: str, data: bytes, idempotency_key: str | None = None,
+                      window: float = 300.0) -> Published:
+        """Publish the publisher's JSON ``data`` bytes (validated, never re-encoded) on ``channel``.
+
+        With ``idempotency_key``, a second call within ``window`` seconds answers the first one's
+        result (``replayed``) instead of publishing again.
+        """
+        keys, args = self.publish_call(channel, data, idempotency_key, window)
+        reply = await self._call("wsb_publish", channel, *args, keys=keys[2:])
+        return published(reply)
+
+    def publish_call(self, channel: str, data: bytes, idempotency_key: str | None = None,
+                     window: float = 300.0) -> tuple[tuple[str, ...], tuple[str | bytes, ...]]:
+        """The keys and arguments of one ``wsb_publish`` call."""
+        keys: tuple[str, ...] = (self._keys.meta(channel), self._keys.history(channel))
+        args: tuple[str | bytes, ...] = (
+            self._keys.channel(channel), channel, data, str(self.size), self._ttl_ms, self._meta_ttl_ms,
         )
-        return Published(int(reply[0]), _text(reply[1]), int(reply[2]))
+        if idempotency_key is not None:
+            keys += (self._keys.idempotency(channel, idempotency_key),)
+            args += (str(max(1, round(window * 1000))), fingerprint(channel, data))
+        return keys, args
 
     async def position(self, channel: str) -> Position:
         """The channel's top offset and epoch, creating the epoch on first use."""
@@ -179,6 +214,21 @@ class History:
         missed = position.offset - since.offset
         complete = len(frames) == missed and (missed == 0 or frames[0][0] == since.offset + 1)
         return Range(position, frames, complete)
+
+
+def missing_library(exc: ResponseError) -> bool:
+    """True for the error of a Redis that does not have the function library (yet, or any more)."""
+    return "function not found" in str(exc).lower()
+
+
+def fingerprint(channel: str, data: bytes) -> str:
+    """What an idempotency key is bound to: a key reused for another publication is refused."""
+    return hashlib.blake2b(channel.encode() + b"\0" + data, digest_size=16).hexdigest()
+
+
+def published(reply: Any) -> Published:
+    """The answer of ``wsb_publish``."""
+    return Published(int(reply[1]), _text(reply[2]), int(reply[3]), bool(int(reply[0])), _text(reply[4]))
 
 
 def _text(value: Any) -> str:

@@ -42,3 +42,7 @@ class Keys:
     def history(self, name: str) -> str:
         """The stream holding the channel's last publications."""
         return f"{self.prefix}history:{{{self.channel(name)}}}"
+
+    def idempotency(self, name: str, key: str) -> str:
+        """The first result of a publication on ``name`` made with ``Idempotency-Key: key``."""
+        return f"{self.prefix}idem:{{{self.channel(name)}}}:{key}"

@@ -142,6 +142,20 @@ async def test_any_language_can_publish_with_redis_cli(redis_server: PrivateRedi
     out, _ = await asyncio.wait_for(process.communicate(), 10)
     assert process.returncode == 0
     reply = out.decode().split()
-    assert reply[0] == "1"
-    got = await history.read("c", Position(0, reply[1]))
+    assert reply[:2] == ["0", "1"]  # not a replay; offset 1
+    got = await history.read("c", Position(0, reply[2]))
     assert got.complete and orjson.loads(got.frames[0][1])["data"] == {"from": "cli"}
+
+
+async def test_an_idempotency_key_makes_a_retry_answer_the_first_result(redis: Redis) -> None:
+    history, keys = _history(redis)
+    first = await history.publish("c", b'{"order":42}', idempotency_key="order-42", window=60)
+    again = await history.publish("c", b'{"order":42}', idempotency_key="order-42", window=60)
+    other = await history.publish("c", b'{"order":43}', idempotency_key="order-43", window=60)
+    assert (first.offset, first.replayed) == (1, False)
+    assert (again.offset, again.epoch, again.replayed) == (1, first.epoch, True)
+    assert again.fingerprint == first.fingerprint != other.fingerprint
+    assert other.offset == 2
+    assert 0 < await redis.pttl(keys.idempotency("c", "order-42")) <= 60_000
+    got = await history.read("c", Position(0, first.epoch))
+    assert [n for n, _ in got.frames] == [1, 2]  # the retry published nothing
