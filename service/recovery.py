@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from service import codec
 from service.history import History, Position, Range
 from service.hub import Hub
+from service.outbound import Message, Outbound
 from service.ratelog import RateLimitedLog
 
 log = logging.getLogger("wsbroadcast.recovery")
@@ -28,6 +31,9 @@ RECENT_WINDOW = 10.0
 FILL_ATTEMPTS = 8
 FILL_BACKOFF_CAP = 1.0
 RECOVER_ATTEMPTS = 3
+# Recovered publications go out in writes of this many: each write is checked against the
+# connection's bound like any other, so a client that cannot take its backlog is a slow consumer.
+RECOVERY_BATCH = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +116,47 @@ class Recovery:
         else:
             self.not_recovered += 1
         return Recovered(frames, recovered, offset, epoch)
+
+    async def join(
+        self,
+        channel: str,
+        outbound: Outbound,
+        since: Position | None,
+        confirmed: Callable[[str], Awaitable[None]],
+    ) -> Recovered:
+        """Subscribe one connection to ``channel``: what it recovers, then its ack, then live ones.
+
+        The connection counts for the Redis subscription at once (``Hub.add``); ``confirmed`` waits
+        until Redis has confirmed it, however long Redis is away, so the ack is never given
+        falsely. A history read that fails is retried with backoff: the subscription waits, it is
+        never lost. The frames and the ack are offered through the connection's own outbound path,
+        in order with the live publications that follow them.
+        """
+        self._hub.add(channel, outbound)
+        delay = 0.05
+        while True:
+            await confirmed(channel)
+            try:
+                if since is None:
+                    offset, epoch = await self.position(channel)
+                    got = Recovered([], True, offset, epoch)
+                else:
+                    got = await self.recover(channel, since)
+                break
+            except (RedisError, OSError) as exc:
+                self._log.warning("join", "subscription to %r waits for Redis: %s", channel, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, FILL_BACKOFF_CAP)
+        fields: dict[str, object] = {"channel": channel, "offset": got.offset, "epoch": got.epoch}
+        if since is not None:
+            fields["recovered"] = got.recovered
+        ack = codec.control("subscribed", **fields).encode()
+        frames = [frame for _, frame in got.frames]
+        for start in range(0, len(frames), RECOVERY_BATCH):
+            outbound.offer(Message(channel, frames[start : start + RECOVERY_BATCH], offset=got.offset, epoch=got.epoch))
+        outbound.offer(Message(channel, ack, offset=got.offset, epoch=got.epoch))
+        self._hub.activate(channel, outbound)
+        return got
 
     # --- holes -----------------------------------------------------------------------------------
 
