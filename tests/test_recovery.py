@@ -144,3 +144,26 @@ async def test_a_client_too_far_behind_or_of_another_epoch_is_told_it_did_not_re
     assert (other.recovered, other.frames, other.offset, other.epoch) == (False, [], 10, epoch)
     near = await w.recovery.recover("c", Position(8, epoch))
     assert near.recovered and [o for o, _ in near.frames] == [9, 10]
+
+
+async def _confirmed(channel: str) -> None:
+    """Stands for the broker's confirmation: these tests feed the hub themselves, no pub/sub."""
+
+
+async def test_a_joining_client_gets_what_it_missed_then_its_ack_then_live_ones_without_a_seam(redis: Redis) -> None:
+    w = _Worker(redis)
+    await w.start()
+    epoch = await w.publish(6)
+    w.deliver(1, 2, 3, 4, 5, epoch=epoch)
+    late, fresh = _Collect(), _Collect()
+    recovered = await w.recovery.join("c", late, Position(2, epoch), _confirmed)
+    joined = await w.recovery.join("c", fresh, None, _confirmed)
+    w.deliver(6, epoch=epoch)
+    await asyncio.sleep(0)
+    ack = {"op": "subscribed", "channel": "c", "offset": 5, "epoch": epoch}
+    assert (recovered.recovered, recovered.offset, joined.offset) == (True, 5, 5)
+    frames = [orjson.loads(t) for m in late.messages for t in m.texts]
+    assert [f.get("offset") for f in frames[:3]] == [3, 4, 5]
+    assert frames[3] == {**ack, "recovered": True}
+    assert frames[4]["offset"] == 6 and len(frames) == 5
+    assert [orjson.loads(t) for m in fresh.messages for t in m.texts] == [ack, orjson.loads(w.frames[6])]
