@@ -25,8 +25,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from service import publisher
 from service.config import Settings
 from service.keys import Keys
+from service.publisher import Published
 
 log = logging.getLogger("wsbroadcast.broker")
 
@@ -37,8 +39,6 @@ BACKOFF_START = 0.05
 BACKOFF_CAP = 0.1
 
 
-class RedisUnavailable(Exception):
-    """Publishing failed because Redis could not be reached; nothing was sent."""
 
 
 class Broker:
@@ -59,7 +59,7 @@ class Broker:
             max_connections=settings.redis_pool_size,
             timeout=settings.redis_pool_timeout,
             socket_connect_timeout=2.0,
-            socket_timeout=5.0,
+            socket_timeout=settings.redis_command_timeout,
             retry=Retry(NoBackoff(), 0),
             # RESP2: pub/sub messages arrive as plain replies, without RESP3's push-handler detour.
             protocol=2,
@@ -145,12 +145,16 @@ class Broker:
 
     # --- publishing ---------------------------------------------------------------------------
 
-    async def publish(self, channel: str, frame: bytes) -> int:
-        """PUBLISH one frame; returns Redis's receiver count (workers). Raises RedisUnavailable."""
-        try:
-            return int(await self.redis.publish(self._keys.channel(channel), frame))
-        except (RedisError, OSError) as exc:
-            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+    async def publish(self, channel: str, frame: bytes, idempotency_key: str | None = None) -> Published:
+        """Publish one frame (once per ``idempotency_key`` within IDEMPOTENCY_WINDOW).
+
+        Raises publisher.Refused when nothing was published (no connection could be made, or Redis
+        refused the command), publisher.Unknown when the command went out unanswered within
+        REDIS_COMMAND_TIMEOUT, publisher.IdempotencyConflict for a key reused for another frame.
+        """
+        settings = self._settings
+        command = publisher.command(self._keys, channel, frame, idempotency_key, settings.idempotency_window)
+        return await publisher.execute(self.pool, command, settings.redis_command_timeout)
 
     def pool_usage(self) -> dict[str, int]:
         pool: Any = self.pool

@@ -121,6 +121,8 @@ class Settings:
     publish_token: str = field(default="", repr=False)
     connect_secret: str = field(default="", repr=False)
     allowed_origins: tuple[str, ...] = ()
+    redis_command_timeout: float = 5.0
+    idempotency_window: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -213,4 +215,6 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "publish_token": _text,
     "connect_secret": _text,
     "allowed_origins": _origins,
+    "redis_command_timeout": _float(0, 300, open_lo=True),
+    "idempotency_window": _float(1, 7 * 86400),
 }

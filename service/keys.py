@@ -30,3 +30,7 @@ class Keys:
     def canary(self, host: str, pid: int) -> str:
         """A worker's private control channel, outside the public channel space (``#`` is not allowed there)."""
         return f"{self.prefix}#canary:{host}:{pid}"
+
+    def idempotency(self, key: str) -> str:
+        """The first result of a publication made with ``Idempotency-Key: key`` (kept IDEMPOTENCY_WINDOW)."""
+        return f"{self.prefix}idem:{key}"
