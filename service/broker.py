@@ -154,7 +154,7 @@ class Broker:
         """
         settings = self._settings
         command = publisher.command(self._keys, channel, frame, idempotency_key, settings.idempotency_window)
-        return await publisher.execute(self.pool, command, settings.redis_command_timeout)
+        return await publisher.execute(self.pool, command)
 
     def pool_usage(self) -> dict[str, int]:
         pool: Any = self.pool

@@ -124,8 +124,12 @@ def _text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def execute(pool: AsyncPool, cmd: _Command, timeout: float | None = None) -> Published:
-    """Run ``cmd`` on a connection connected before anything is sent, so failures say what is known."""
+async def execute(pool: AsyncPool, cmd: _Command) -> Published:
+    """Run ``cmd`` on a connection connected before anything is sent, so failures say what is known.
+
+    The wait for the answer is the pool's ``socket_timeout`` (a timeout passed to read_response
+    would return None and leave the answer to be read by the connection's next user).
+    """
     try:
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     except (RedisError, OSError) as exc:
@@ -138,10 +142,10 @@ async def execute(pool: AsyncPool, cmd: _Command, timeout: float | None = None) 
         try:
             await conn.send_command(*cmd.args)
             try:
-                reply = await conn.read_response(timeout=timeout)
+                reply = await conn.read_response()
             except NoScriptError:  # not run: load it with EVAL (Redis caches it for EVALSHA)
                 await conn.send_command(*cmd.eval_args())
-                reply = await conn.read_response(timeout=timeout)
+                reply = await conn.read_response()
         except ResponseError as exc:
             raise Refused(f"Redis refused the command: {exc}") from exc
         except (RedisError, OSError) as exc:
@@ -195,14 +199,14 @@ async def publish(
     prefix: str = "broadcast:",
     idempotency_key: str | None = None,
     window: float = DEFAULT_WINDOW,
-    timeout: float | None = None,
 ) -> Published:
     """Publish the JSON text ``data`` (forwarded byte for byte) to ``channel``'s subscribers.
 
-    Raises InvalidPublication (bad channel, key or JSON), Refused, Unknown or IdempotencyConflict.
+    Raises InvalidPublication (bad channel, key or JSON), Refused, Unknown (no answer within the
+    client's ``socket_timeout``) or IdempotencyConflict.
     """
     cmd = _prepare(channel, data, prefix, idempotency_key, window)
-    return await execute(redis.connection_pool, cmd, timeout)
+    return await execute(redis.connection_pool, cmd)
 
 
 def publish_sync(
