@@ -1,7 +1,7 @@
 """The ASGI application: ``create_app(settings)`` and the lifespan that wires the parts.
 
 Start-up builds, in order: tracker, hub, broker (pool + listener), memory monitor, metrics,
-heartbeat; shutdown tears them down in reverse. HTTP routes: POST /publish, GET /health,
+heartbeat; shutdown tears them down in reverse. HTTP routes: POST /publish[/<channel>], GET /health,
 GET /health/cluster, GET /metrics.
 """
 

@@ -39,8 +39,6 @@ BACKOFF_START = 0.05
 BACKOFF_CAP = 0.1
 
 
-
-
 class Broker:
     def __init__(
         self,

@@ -37,11 +37,13 @@ IDEMPOTENCY_KEY_RULE = "Idempotency-Key must be 1-200 printable ASCII characters
 
 # KEYS[1] the idempotency key; ARGV: pub/sub channel, frame, window (ms), fingerprint of the frame.
 # Returns {1, "<fingerprint> <receivers>"} when it published, {0, <the stored first result>} when not.
+# The key is written before the PUBLISH: a write Redis refuses (out of memory) then fails the script
+# with nothing published, so an error reply always means "not published".
 SCRIPT = """
 local first = redis.call('GET', KEYS[1])
 if first then return {0, first} end
-local receivers = redis.call('PUBLISH', ARGV[1], ARGV[2])
-local result = ARGV[4] .. ' ' .. receivers
+redis.call('SET', KEYS[1], ARGV[4] .. ' 0', 'PX', ARGV[3])
+local result = ARGV[4] .. ' ' .. redis.call('PUBLISH', ARGV[1], ARGV[2])
 redis.call('SET', KEYS[1], result, 'PX', ARGV[3])
 return {1, result}
 """

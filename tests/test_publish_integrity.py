@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection
 
 from scripts.redis_server import PrivateRedis
 from service.publication import MAX_DEPTH, InvalidPublication, split_body
-from service.publisher import IdempotencyConflict, Published, publish, publish_sync
+from service.publisher import IdempotencyConflict, Published, Refused, Unknown, publish, publish_sync
 from tests.support import ROOT, Service, recv_json, subscribe_client, wait_until
 
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer test-token"}
@@ -275,9 +275,14 @@ async def test_a_stalled_redis_answers_unknown_and_a_stopped_one_refused(own_red
         assert warm.status_code == 202
         assert await _next_raw(ws) == _frame("stall", b'"warm"')
         assert own_redis.process is not None
+        api = redis.Redis.from_url(own_redis.url, socket_timeout=0.5)
+        assert publish_sync(api, "stall", b'"api warm"', prefix=service.prefix, idempotency_key="aw").workers == 1
+        assert await _next_raw(ws) == _frame("stall", b'"api warm"')
         os.kill(own_redis.process.pid, signal.SIGSTOP)
         try:
             stalled = await asyncio.to_thread(_post, service, body, **key)
+            with pytest.raises(Unknown):
+                publish_sync(api, "stall", b'"api stalled"', prefix=service.prefix, idempotency_key="a1")
         finally:
             os.kill(own_redis.process.pid, signal.SIGCONT)
         assert stalled.status_code == 503, stalled.text
@@ -287,12 +292,18 @@ async def test_a_stalled_redis_answers_unknown_and_a_stopped_one_refused(own_red
         assert "same Idempotency-Key is safe" in doc["error"]
         # It was in fact published once Redis ran again: "unknown" was the truth.
         assert await _next_raw(ws) == _frame("stall", b'"during the stall"')
+        assert await _next_raw(ws) == _frame("stall", b'"api stalled"')
+        replayed = publish_sync(api, "stall", b'"api stalled"', prefix=service.prefix, idempotency_key="a1")
+        assert replayed == Published(1, replay=True)
         retry = await asyncio.to_thread(_post, service, body, **key)
         assert retry.status_code == 202 and retry.headers["idempotent-replay"] == "true", retry.text
         assert (await asyncio.to_thread(_post, service, b'{"channel":"stall","data":"next"}')).status_code == 202
         assert await _next_raw(ws) == _frame("stall", b'"next"')  # the retry published nothing
 
         await asyncio.to_thread(own_redis.stop)
+        with pytest.raises(Refused):
+            publish_sync(api, "stall", b'"lost"', prefix=service.prefix, idempotency_key="a2")
+        api.close()
         for _ in range(3):
             refused = await asyncio.to_thread(_post, service, b'{"channel":"stall","data":"lost"}', **key)
             assert refused.status_code == 503, refused.text
