@@ -1,7 +1,7 @@
 """The ASGI application: ``create_app(settings)`` and the lifespan that wires the parts.
 
 Start-up builds, in order: tracker, hub, broker (pool + listener), memory monitor, metrics,
-heartbeat; shutdown tears them down in reverse. HTTP routes: POST /publish, GET /health,
+heartbeat; shutdown tears them down in reverse. HTTP routes: POST /publish[/<channel>], GET /health,
 GET /health/cluster, GET /metrics.
 """
 
@@ -18,14 +18,14 @@ from typing import Any
 import anyio.to_thread
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from service import codec, health
-from service.broker import Broker, RedisUnavailable
+from service import codec, health, publication, publisher
+from service.broker import Broker
 from service.config import CHANNEL_RE, Settings
 from service.endpoint import websocket_endpoint
 from service.gate import Gate
@@ -34,9 +34,15 @@ from service.keys import Keys
 from service.memory import MemoryMonitor
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import Metrics
+from service.ratelog import RateLimitedLog
 from service.tracker import Tracker
 
 log = logging.getLogger("wsbroadcast.app")
+
+# What the publish function adds around the data and the channel's name (its offset, epoch and
+# field names), at most: a frame over MAX_MESSAGE_BYTES would be dropped by every worker.
+FRAME_OVERHEAD = 80
+ratelog = RateLimitedLog(log)
 
 
 class _JSON(JSONResponse):
@@ -61,7 +67,6 @@ class Service:
         self.metrics = Metrics(self)
         self.hub.on_fanout = self.metrics.observe_fanout
         self.heartbeat = health.Heartbeat(self)
-        self._invalid_logged = False
 
     def _on_first(self, channel: str) -> None:
         self.broker.want(channel)
@@ -75,6 +80,16 @@ class Service:
         if len(payload) > self.settings.max_message_bytes:
             self._invalid(channel, f"{len(payload)} bytes, over MAX_MESSAGE_BYTES")
             return
+        # Once per message per worker: anyone who can PUBLISH could otherwise send subscribers of
+        # one channel frames claiming another, or frames that are not frames at all.
+        try:
+            frame = codec.loads(payload)
+        except codec.JSONDecodeError:
+            self._invalid(channel, "not JSON (or not UTF-8)")
+            return
+        if not isinstance(frame, dict) or frame.get("channel") != channel:
+            self._invalid(channel, f'not a JSON object with "channel": {channel!r}')
+            return
         try:
             self.hub.publish(channel, payload)
         except UnicodeDecodeError:
@@ -82,10 +97,7 @@ class Service:
 
     def _invalid(self, channel: str, why: str) -> None:
         self.tracker.counters.invalid_payloads += 1
-        # One line per worker lifetime; the counter (in /health and /metrics) tells the rest.
-        if not self._invalid_logged:
-            self._invalid_logged = True
-            log.warning("dropped a publication on %r: %s (further ones are only counted)", channel, why)
+        ratelog.warning("invalid_payload", "dropped a publication from Redis on %r: %s", channel, why)
 
 
 @contextlib.asynccontextmanager
@@ -112,6 +124,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 async def publish(request: Request) -> Response:
+    """``POST /publish`` (body ``{"channel":..,"data":..}``) and ``POST /publish/<channel>`` (body: the data)."""
     service: Service = request.app.state.service
     settings = service.settings
     token = settings.publish_token
@@ -125,33 +138,68 @@ async def publish(request: Request) -> Response:
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
         return _problem(415, "send Content-Type: application/json")
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not publisher.IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
+        return _problem(400, publisher.IDEMPOTENCY_KEY_RULE)
+    path_channel: str | None = request.path_params.get("channel")
+    if path_channel is not None and not CHANNEL_RE.fullmatch(path_channel):
+        return _problem(400, publication.CHANNEL_RULE)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > settings.max_message_bytes:
         return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > settings.max_message_bytes:
-            return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
     try:
-        doc = codec.loads(bytes(body))
-    except codec.JSONDecodeError:
-        return _problem(400, "body is not valid JSON")
-    if not isinstance(doc, dict) or set(doc) != {"channel", "data"}:
-        return _problem(400, 'body must be a JSON object with exactly "channel" and "data"')
-    channel = doc["channel"]
-    if not isinstance(channel, str) or not CHANNEL_RE.fullmatch(channel):
-        return _problem(400, "channel names match [A-Za-z0-9_.:-]{1,128}")
-    frame = codec.publication(channel, doc["data"])
-    if len(frame) > settings.max_message_bytes:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > settings.max_message_bytes:
+                return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
+    except ClientDisconnect:
+        ratelog.info("publish_disconnect", "a publisher disconnected before sending its whole body")
+        return Response(status_code=400)  # nobody reads it
+    try:
+        if path_channel is None:
+            channel, data = publication.split_body(bytes(body))
+        else:
+            channel, data = path_channel, publication.check_data(bytes(body))
+    except publication.InvalidPublication as exc:
+        return _problem(400, str(exc))
+    if len(data) + FRAME_OVERHEAD + len(channel) > settings.max_message_bytes:
         return _problem(413, f"frame over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
+    counters = service.tracker.counters
     try:
-        workers = await service.broker.publish(channel, frame)
-    except RedisUnavailable as exc:
-        log.warning("publish to %r failed: Redis unavailable: %s", channel, exc)
-        return _problem(503, "Redis unavailable; nothing was published", {"Retry-After": "1"})
-    service.tracker.counters.published_http += 1
-    return _JSON({"channel": channel, "workers": workers}, status_code=202)
+        result = await service.broker.publish(channel, data, idempotency_key)
+    except publisher.IdempotencyConflict as exc:
+        return _problem(422, str(exc))
+    except publisher.PublishError as exc:
+        return _unavailable(service, channel, exc, idempotency_key is not None)
+    body_doc = {"channel": channel, "offset": result.offset, "epoch": result.epoch, "workers": result.workers}
+    if result.replay:
+        counters.publish_replays += 1
+        return _JSON(body_doc, status_code=202, headers={"Idempotent-Replay": "true"})
+    counters.published_http += 1
+    return _JSON(body_doc, status_code=202)
+
+
+def _unavailable(service: Service, channel: str, exc: publisher.PublishError, keyed: bool) -> Response:
+    counters = service.tracker.counters
+    headers = {"Retry-After": "1"}
+    if exc.published is False:
+        counters.publish_refused += 1
+        ratelog.warning("publish_refused", "publish to %r failed, nothing published: %s", channel, exc)
+        doc: dict[str, Any] = {"error": f"Redis unavailable; nothing was published ({exc})", "published": False}
+        return _JSON(doc, status_code=503, headers=headers)
+    counters.publish_unknown += 1
+    ratelog.warning("publish_unknown", "publish to %r unanswered, may have been made: %s", channel, exc)
+    retry = (
+        "a retry with the same Idempotency-Key is safe"
+        if keyed
+        else "a retry may publish it twice; send an Idempotency-Key header to make retries safe"
+    )
+    doc = {
+        "error": f"Redis did not answer ({exc}); the publication may or may not have been made: {retry}",
+        "published": "unknown",
+    }
+    return _JSON(doc, status_code=503, headers=headers)
 
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
@@ -199,6 +247,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = _App(
         routes=[
             Route("/publish", publish, methods=["POST"]),
+            Route("/publish/{channel}", publish, methods=["POST"]),
             Route("/health", worker_health),
             Route("/health/cluster", cluster_health),
             Route("/metrics", metrics),

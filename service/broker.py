@@ -25,8 +25,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from service import publisher
 from service.config import Settings
 from service.keys import Keys
+from service.publisher import Published
 
 log = logging.getLogger("wsbroadcast.broker")
 
@@ -35,10 +37,6 @@ BACKOFF_START = 0.05
 # after Redis answered with a 0.2 s cap, 0.02-0.11 s with 0.1 s. A refused connect every 0.1 s per
 # worker while Redis is down costs next to nothing.
 BACKOFF_CAP = 0.1
-
-
-class RedisUnavailable(Exception):
-    """Publishing failed because Redis could not be reached; nothing was sent."""
 
 
 class Broker:
@@ -59,7 +57,7 @@ class Broker:
             max_connections=settings.redis_pool_size,
             timeout=settings.redis_pool_timeout,
             socket_connect_timeout=2.0,
-            socket_timeout=5.0,
+            socket_timeout=settings.redis_command_timeout,
             retry=Retry(NoBackoff(), 0),
             # RESP2: pub/sub messages arrive as plain replies, without RESP3's push-handler detour.
             protocol=2,
@@ -145,12 +143,15 @@ class Broker:
 
     # --- publishing ---------------------------------------------------------------------------
 
-    async def publish(self, channel: str, frame: bytes) -> int:
-        """PUBLISH one frame; returns Redis's receiver count (workers). Raises RedisUnavailable."""
-        try:
-            return int(await self.redis.publish(self._keys.channel(channel), frame))
-        except (RedisError, OSError) as exc:
-            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+    async def publish(self, channel: str, data: bytes, idempotency_key: str | None = None) -> Published:
+        """Publish the JSON ``data`` bytes on ``channel`` through the Redis function (once per
+        ``idempotency_key`` within IDEMPOTENCY_WINDOW).
+
+        Raises publisher.Refused when nothing was published (no connection could be made, or Redis
+        refused the command), publisher.Unknown when the command went out unanswered within
+        REDIS_COMMAND_TIMEOUT, publisher.IdempotencyConflict for a key reused for another publication.
+        """
+        return await publisher.execute(self.pool, publisher.command(self._settings, channel, data, idempotency_key))
 
     def pool_usage(self) -> dict[str, int]:
         pool: Any = self.pool

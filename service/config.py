@@ -124,6 +124,8 @@ class Settings:
     history_size: int = 100
     history_ttl: float = 300.0
     history_meta_ttl: float = 30 * 86400.0
+    redis_command_timeout: float = 5.0
+    idempotency_window: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -224,4 +226,6 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "history_size": _int(0, 100000),
     "history_ttl": _float(1, 30 * 86400),
     "history_meta_ttl": _float(60, 3650 * 86400),
+    "redis_command_timeout": _float(0, 300, open_lo=True),
+    "idempotency_window": _float(1, 7 * 86400),
 }

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -121,7 +121,7 @@ class Position:
 
 
 @dataclass(frozen=True, slots=True)
-class Published:
+class PublishReply:
     """A publication's offset and epoch, and how many workers' listeners Redis handed it to.
 
     ``replayed``: an earlier call with the same idempotency key made it; this is its result.
@@ -150,51 +150,28 @@ class Range:
 
 
 class History:
-    """Calls of the ``wsbroadcast`` function library on one Redis."""
+    """Positions and reads of the ``wsbroadcast`` function library on one Redis (publishing is
+    ``service.publisher``'s, which says what is known when it fails)."""
 
-    def __init__(self, redis: Redis, keys: Keys, size: int, ttl: float, meta_ttl: float) -> None:
+    def __init__(self, redis: Redis, keys: Keys, settings: HistorySettings) -> None:
         self._redis = redis
         self._keys = keys
-        self.size = size
-        self._ttl_ms = str(int(ttl * 1000))
-        self._meta_ttl_ms = str(int(meta_ttl * 1000))
+        self.size = settings.history_size
+        self._meta_ttl_ms = str(int(settings.history_meta_ttl * 1000))
 
     async def load(self) -> None:
         """Load (or replace) the function library."""
         await self._redis.function_load(LUA, replace=True)
 
-    async def _call(self, function: str, channel: str, *args: str | bytes, keys: tuple[str, ...] = ()) -> Any:
-        keys = (self._keys.meta(channel), self._keys.history(channel), *keys)
+    async def _call(self, function: str, channel: str, *args: str) -> Any:
+        keys = (self._keys.meta(channel), self._keys.history(channel))
         try:
-            return await self._redis.fcall(function, len(keys), *keys, *args)
+            return await self._redis.fcall(function, 2, *keys, *args)
         except ResponseError as exc:
             if not missing_library(exc):
                 raise
         await self.load()
-        return await self._redis.fcall(function, len(keys), *keys, *args)
-
-    async def publish(self, channel: str, data: bytes, idempotency_key: str | None = None,
-                      window: float = 300.0) -> Published:
-        """Publish the publisher's JSON ``data`` bytes (validated, never re-encoded) on ``channel``.
-
-        With ``idempotency_key``, a second call within ``window`` seconds answers the first one's
-        result (``replayed``) instead of publishing again.
-        """
-        keys, args = self.publish_call(channel, data, idempotency_key, window)
-        reply = await self._call("wsb_publish", channel, *args, keys=keys[2:])
-        return published(reply)
-
-    def publish_call(self, channel: str, data: bytes, idempotency_key: str | None = None,
-                     window: float = 300.0) -> tuple[tuple[str, ...], tuple[str | bytes, ...]]:
-        """The keys and arguments of one ``wsb_publish`` call."""
-        keys: tuple[str, ...] = (self._keys.meta(channel), self._keys.history(channel))
-        args: tuple[str | bytes, ...] = (
-            self._keys.channel(channel), channel, data, str(self.size), self._ttl_ms, self._meta_ttl_ms,
-        )
-        if idempotency_key is not None:
-            keys += (self._keys.idempotency(channel, idempotency_key),)
-            args += (str(max(1, round(window * 1000))), fingerprint(channel, data))
-        return keys, args
+        return await self._redis.fcall(function, 2, *keys, *args)
 
     async def position(self, channel: str) -> Position:
         """The channel's top offset and epoch, creating the epoch on first use."""
@@ -216,6 +193,43 @@ class History:
         return Range(position, frames, complete)
 
 
+class HistorySettings(Protocol):
+    """What of the settings the history uses (``config.Settings`` has them)."""
+
+    @property
+    def history_size(self) -> int: ...
+
+    @property
+    def history_ttl(self) -> float: ...
+
+    @property
+    def history_meta_ttl(self) -> float: ...
+
+
+def publish_call(
+    keys: Keys,
+    settings: HistorySettings,
+    channel: str,
+    data: bytes,
+    idempotency_key: str | None = None,
+    window: float = 300.0,
+) -> tuple[tuple[str, ...], tuple[str | bytes, ...]]:
+    """The keys and arguments of one ``wsb_publish`` call (see the module's docstring)."""
+    call_keys: tuple[str, ...] = (keys.meta(channel), keys.history(channel))
+    args: tuple[str | bytes, ...] = (
+        keys.channel(channel),
+        channel,
+        data,
+        str(settings.history_size),
+        str(int(settings.history_ttl * 1000)),
+        str(int(settings.history_meta_ttl * 1000)),
+    )
+    if idempotency_key is not None:
+        call_keys += (keys.idempotency(channel, idempotency_key),)
+        args += (str(max(1, round(window * 1000))), fingerprint(channel, data))
+    return call_keys, args
+
+
 def missing_library(exc: ResponseError) -> bool:
     """True for the error of a Redis that does not have the function library (yet, or any more)."""
     return "function not found" in str(exc).lower()
@@ -226,9 +240,9 @@ def fingerprint(channel: str, data: bytes) -> str:
     return hashlib.blake2b(channel.encode() + b"\0" + data, digest_size=16).hexdigest()
 
 
-def published(reply: Any) -> Published:
+def published(reply: Any) -> PublishReply:
     """The answer of ``wsb_publish``."""
-    return Published(int(reply[1]), _text(reply[2]), int(reply[3]), bool(int(reply[0])), _text(reply[4]))
+    return PublishReply(int(reply[1]), _text(reply[2]), int(reply[3]), bool(int(reply[0])), _text(reply[4]))
 
 
 def _text(value: Any) -> str:

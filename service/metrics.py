@@ -54,6 +54,9 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "reconnects": ("redis_reconnects", ()),
     "canary_misses": ("redis_canary_misses", ()),
     "memory_alerts": ("memory_pressure_alerts", ()),
+    "publish_refused": ("publish_failures", ("false",)),
+    "publish_unknown": ("publish_failures", ("unknown",)),
+    "publish_replays": ("publish_replays", ()),
 }
 
 _COUNTER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -66,11 +69,19 @@ _COUNTER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
         "Publications received, by source: http (POST /publish answered here), redis (arrived from pub/sub)",
         ("source",),
     ),
-    "invalid_publications": ("Publications from Redis dropped as too big or not UTF-8", ()),
+    "invalid_publications": (
+        "Publications from Redis dropped: too big, not UTF-8 JSON, or not an object naming their channel",
+        (),
+    ),
     "client_frames_rejected": ("Client frames answered with an error frame", ()),
     "redis_reconnects": ("Times the Redis pub/sub connection was restored", ()),
     "redis_canary_misses": ("Listener canaries that did not come back in time", ()),
     "memory_pressure_alerts": ("Times a worker crossed its memory high watermark", ()),
+    "publish_failures": (
+        "POST /publish answered 503, by whether it was published: false (surely not), unknown (sent, unanswered)",
+        ("published",),
+    ),
+    "publish_replays": ("POST /publish answered with the first result of its Idempotency-Key", ()),
 }
 
 
@@ -162,6 +173,9 @@ class Metrics:
             "reconnects": service.broker.reconnects,
             "canary_misses": service.broker.canary_misses,
             "memory_alerts": service.memory.alerts,
+            "publish_refused": c.publish_refused,
+            "publish_unknown": c.publish_unknown,
+            "publish_replays": c.publish_replays,
         }
 
     def sync(self) -> None:

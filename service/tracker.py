@@ -35,6 +35,9 @@ class Counters:
     invalid_payloads: int = 0
     bad_client_frames: int = 0
     abuse_closed: int = 0
+    publish_refused: int = 0
+    publish_unknown: int = 0
+    publish_replays: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

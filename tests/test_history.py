@@ -13,8 +13,11 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from scripts.redis_server import PrivateRedis, redis_binary
+from service.config import Settings
 from service.history import History, Position
 from service.keys import Keys
+from service.publication import InvalidPublication
+from service.publisher import IdempotencyConflict, Published, publish
 
 
 @pytest.fixture
@@ -26,9 +29,29 @@ async def redis(redis_server: PrivateRedis) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
-def _history(redis: Redis, size: int = 5, ttl: float = 60.0, meta_ttl: float = 3600.0) -> tuple[History, Keys]:
-    keys = Keys(f"h{uuid.uuid4().hex[:8]}:")
-    return History(redis, keys, size, ttl, meta_ttl), keys
+class _Rig:
+    """One channel namespace: publishing as any app does (service.publisher), reads as workers do."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.history = History(redis, Keys(settings.redis_prefix), settings)
+        self.position = self.history.position
+        self.read = self.history.read
+        self.load = self.history.load
+
+    async def publish(self, channel: str, data: bytes, idempotency_key: str | None = None) -> Published:
+        return await publish(self.redis, channel, data, idempotency_key=idempotency_key, settings=self.settings)
+
+
+def _history(
+    redis: Redis, size: int = 5, ttl: float = 60.0, meta_ttl: float = 3600.0, window: float = 300.0
+) -> tuple[_Rig, Keys]:
+    settings = Settings(
+        redis_prefix=f"h{uuid.uuid4().hex[:8]}:", history_size=size, history_ttl=ttl, history_meta_ttl=meta_ttl,
+        idempotency_window=window,
+    )
+    return _Rig(redis, settings), Keys(settings.redis_prefix)
 
 
 async def test_offsets_count_from_one_in_one_epoch_and_the_frame_carries_the_publishers_bytes(redis: Redis) -> None:
@@ -41,7 +64,7 @@ async def test_offsets_count_from_one_in_one_epoch_and_the_frame_carries_the_pub
     second = await history.publish("news", b"[1, 2]")
     assert (first.offset, second.offset) == (1, 2)
     assert first.epoch == second.epoch and first.epoch
-    assert first.receivers == 1
+    assert first.workers == 1
     message = await pubsub.get_message(timeout=2)
     assert message is not None
     expected = b'{"channel":"news","offset":1,"epoch":"' + first.epoch.encode() + b'","data":' + data + b"}"
@@ -122,10 +145,15 @@ async def test_a_redis_that_lost_the_library_gets_it_again_without_a_failed_publ
     assert (await history.publish("c", b"2")).offset == 2
 
 
-async def test_invalid_json_is_refused_by_the_function_itself(redis: Redis) -> None:
-    history, _ = _history(redis)
-    with pytest.raises(ResponseError, match="not valid JSON"):
+async def test_invalid_json_is_refused_by_the_publisher_and_by_the_function_itself(redis: Redis) -> None:
+    history, keys = _history(redis)
+    with pytest.raises(InvalidPublication, match="not valid JSON"):
         await history.publish("c", b"{not json")
+    await history.load()
+    with pytest.raises(ResponseError, match="not valid JSON"):
+        await redis.fcall(
+            "wsb_publish", 2, keys.meta("c"), keys.history("c"), keys.channel("c"), "c", "{not json", "5", "1", "60000"
+        )
     assert (await history.position("c")).offset == 0
 
 
@@ -148,14 +176,15 @@ async def test_any_language_can_publish_with_redis_cli(redis_server: PrivateRedi
 
 
 async def test_an_idempotency_key_makes_a_retry_answer_the_first_result(redis: Redis) -> None:
-    history, keys = _history(redis)
-    first = await history.publish("c", b'{"order":42}', idempotency_key="order-42", window=60)
-    again = await history.publish("c", b'{"order":42}', idempotency_key="order-42", window=60)
-    other = await history.publish("c", b'{"order":43}', idempotency_key="order-43", window=60)
-    assert (first.offset, first.replayed) == (1, False)
-    assert (again.offset, again.epoch, again.replayed) == (1, first.epoch, True)
-    assert again.fingerprint == first.fingerprint != other.fingerprint
+    history, keys = _history(redis, window=60)
+    first = await history.publish("c", b'{"order":42}', idempotency_key="order-42")
+    again = await history.publish("c", b'{"order":42}', idempotency_key="order-42")
+    other = await history.publish("c", b'{"order":43}', idempotency_key="order-43")
+    assert (first.offset, first.replay) == (1, False)
+    assert (again.offset, again.epoch, again.replay) == (1, first.epoch, True)
     assert other.offset == 2
+    with pytest.raises(IdempotencyConflict):
+        await history.publish("c", b'{"order":44}', idempotency_key="order-42")
     assert 0 < await redis.pttl(keys.idempotency("c", "order-42")) <= 60_000
     got = await history.read("c", Position(0, first.epoch))
     assert [n for n, _ in got.frames] == [1, 2]  # the retry published nothing

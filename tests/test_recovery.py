@@ -12,10 +12,12 @@ import pytest
 from redis.asyncio import Redis
 
 from scripts.redis_server import PrivateRedis
+from service.config import Settings
 from service.history import History, Position
 from service.hub import Hub
 from service.keys import Keys
 from service.outbound import Message
+from service.publisher import publish
 from service.recovery import Recovery
 
 
@@ -42,7 +44,8 @@ class _Worker:
     def __init__(self, redis: Redis, size: int = 50) -> None:
         self.redis = redis
         self.keys = Keys(f"r{uuid.uuid4().hex[:8]}:")
-        self.history = History(redis, self.keys, size, 60.0, 3600.0)
+        self.settings = Settings(redis_prefix=self.keys.prefix, history_size=size, history_ttl=60.0)
+        self.history = History(redis, self.keys, self.settings)
         self.hub = Hub(lambda c: None, lambda c: None, on_hole=self._on_hole)
         self.recovery = Recovery(self.history, self.hub)
         self.out = _Collect()
@@ -64,7 +67,7 @@ class _Worker:
         await pubsub.get_message(timeout=2)
         epoch = ""
         for _ in range(count):
-            published = await self.history.publish("c", b'{"x":1}')
+            published = await publish(self.redis, "c", b'{"x":1}', settings=self.settings)
             epoch = published.epoch
             message = await pubsub.get_message(timeout=2)
             assert message is not None
