@@ -193,7 +193,7 @@ _OPTIONAL: tuple[tuple[str, tuple[type, ...]], ...] = (
 )
 _MISSING = object()
 _TYPE_NAMES = {
-    int: "a number", float: "a number", str: "a string", bool: "a boolean", dict: "an object", list: "an array"
+    int: "an integer", float: "a number", str: "a string", bool: "a boolean", dict: "an object", list: "an array"
 }
 
 
@@ -209,7 +209,7 @@ def _field(doc: dict[str, Any], path: str) -> Any:
 def _type_error(path: str, value: Any, types: tuple[type, ...]) -> str | None:
     # bool is an int to Python, not to JSON.
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        expected = " or ".join(dict.fromkeys(_TYPE_NAMES[t] for t in types))
+        expected = "a number" if float in types else " or ".join(_TYPE_NAMES[t] for t in types)
         return f"{path} is {_json_type(value)}, expected {expected}"
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
         return f"{path} is negative"
