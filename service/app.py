@@ -181,10 +181,12 @@ def _health_access(request: Request) -> bool | Response:
     return True
 
 
-def _health_response(doc: dict[str, Any], public: dict[str, Any] | None, settings: Settings) -> Response:
-    if public is not None:
-        public["detail"] = _DETAIL_HINT if settings.admin_token else _NO_DETAIL
-        doc = public
+def _public(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    doc["detail"] = _DETAIL_HINT if settings.admin_token else _NO_DETAIL
+    return doc
+
+
+def _health_json(doc: dict[str, Any]) -> Response:
     return _JSON(doc, status_code=503 if doc["status"] == health.FAILING else 200)
 
 
@@ -194,7 +196,7 @@ async def worker_health(request: Request) -> Response:
     if isinstance(access, Response):
         return access
     doc = health.worker_stats(service)
-    return _health_response(doc, None if access else health.public_worker(doc), service.settings)
+    return _health_json(doc if access else _public(health.public_worker(doc), service.settings))
 
 
 async def cluster_health(request: Request) -> Response:
@@ -203,7 +205,7 @@ async def cluster_health(request: Request) -> Response:
     if isinstance(access, Response):
         return access
     doc = await health.cluster_report(service.broker.redis, service.keys, health.CLUSTER_TIMEOUT)
-    return _health_response(doc, None if access else health.public_cluster(doc), service.settings)
+    return _health_json(doc if access else _public(health.public_cluster(doc), service.settings))
 
 
 async def metrics(request: Request) -> Response:

@@ -189,8 +189,8 @@ class Broker:
             except asyncio.CancelledError:
                 raise
             except TimeoutError as exc:
-                stalled = conn is None
-                self._mark_down(f"no connection within {self._connect_budget:g} s" if stalled else repr(exc))
+                # Ours from the bounded connect (no connection yet), else a socket's own.
+                self._mark_down(f"no connection within {self._connect_budget:g} s" if conn is None else repr(exc))
             except (RedisError, OSError, RuntimeError) as exc:
                 self._mark_down(str(exc) or type(exc).__name__)
             except Exception as exc:
