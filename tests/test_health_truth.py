@@ -21,6 +21,7 @@ from service.keys import Keys
 from tests.support import ADMIN_TOKEN, ROOT, Service, async_wait_until, subscribe_client, wait_until
 
 CANARY = 1.0  # CANARY_INTERVAL of the stall test
+POOL_SOCKET_TIMEOUT = 5.0  # the broker pool's socket_timeout
 
 
 def health_by_worker(service: Service, admin: bool, n: int = 8) -> dict[int, dict[str, Any]]:
@@ -71,6 +72,13 @@ async def test_stalled_redis_turns_every_worker_degraded_and_back(own_redis: Pri
             cluster_took = time.monotonic() - asked
             assert cluster.status_code == 503 and cluster.json()["status"] == "failing", cluster.text
             assert cluster_took < health.CLUSTER_TIMEOUT + 1.5, f"/health/cluster took {cluster_took:.2f} s"
+            # Past the pool's socket timeout the timed-out commands fail for good: still degraded.
+            while time.monotonic() - stopped_at < POOL_SOCKET_TIMEOUT + 1.5:
+                still = await asyncio.to_thread(health_by_worker, service, False, 4)
+                assert all(d["status"] == "degraded" for d in still.values()), still
+            detail = await asyncio.to_thread(health_by_worker, service, True)
+            misses = {p: d["redis"]["canary_misses"] for p, d in detail.items()}
+            assert all(n >= 2 for n in misses.values()), misses
         finally:
             os.kill(pid, signal.SIGCONT)
         resumed_at = time.monotonic()
