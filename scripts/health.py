@@ -107,6 +107,9 @@ def _emit(report: dict[str, Any], as_json: bool, clear: bool) -> None:
         print("\x1b[H\x1b[2J", end="")
     print(time.strftime("%Y-%m-%d %H:%M:%S"), flush=False)
     print(format_report(report), flush=True)
+    if report["status"] == health.FAILING:
+        # As for an unreachable Redis: a failing check says why in one line on stderr too.
+        print(f"health: failing: {'; '.join(report['reasons'])}", file=sys.stderr, flush=True)
 
 
 async def _run(redis: Redis, keys: Keys, args: argparse.Namespace, last: list[int]) -> None:

@@ -240,6 +240,7 @@ def test_only_foreign_keys_is_failing_without_a_traceback(redis_server: PrivateR
         assert done.returncode == 2, done.stdout + done.stderr
         assert "Traceback" not in done.stdout + done.stderr
         assert "status: failing: no live workers; 5 invalid heartbeat keys" in done.stdout
+        assert done.stderr.startswith("health: failing: no live workers; 5 invalid") and done.stderr.count("\n") == 1
         as_json = _run_health(redis_server.url, prefix, "--json")
         assert as_json.returncode == 2 and orjson.loads(as_json.stdout)["totals"]["invalid_heartbeats"] == 5
     finally:
