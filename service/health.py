@@ -287,13 +287,14 @@ async def read_cluster(redis: Redis, keys: Keys) -> tuple[list[dict[str, Any]], 
                 invalid.append({"key": key, "why": checked})
             else:
                 workers.append(checked)
-    if absent:
-        # MGET answers nil for a key of another type too: tell those from expired heartbeats.
+    # MGET answers nil for a key of another type too: tell those from expired heartbeats.
+    for start in range(0, len(absent), 500):
+        batch_keys = absent[start : start + 500]
         async with redis.pipeline(transaction=False) as pipe:
-            for key in absent:
+            for key in batch_keys:
                 pipe.type(key)
             types = await pipe.execute()
-        for key, kind in zip(absent, types, strict=True):
+        for key, kind in zip(batch_keys, types, strict=True):
             name = kind.decode() if isinstance(kind, bytes) else str(kind)
             if name != "none":
                 invalid.append({"key": key, "why": f"a Redis {name}, not a string"})
