@@ -274,13 +274,13 @@ async def read_cluster(redis: Redis, keys: Keys) -> tuple[list[dict[str, Any]], 
         found.append(key)
     workers: list[dict[str, Any]] = []
     invalid: list[dict[str, str]] = []
-    absent: list[str] = []
+    absent: list[bytes] = []
     for start in range(0, len(found), 500):
         batch = found[start : start + 500]
         for key_bytes, raw in zip(batch, await redis.mget(batch), strict=True):
             key = key_bytes.decode("utf-8", "replace")
             if raw is None:
-                absent.append(key)  # expired between SCAN and MGET, or not a string
+                absent.append(key_bytes)  # expired between SCAN and MGET, or not a string
                 continue
             checked = check_heartbeat(key, raw, keys)
             if isinstance(checked, str):
@@ -294,10 +294,10 @@ async def read_cluster(redis: Redis, keys: Keys) -> tuple[list[dict[str, Any]], 
             for key in batch_keys:
                 pipe.type(key)
             types = await pipe.execute()
-        for key, kind in zip(batch_keys, types, strict=True):
+        for key_bytes, kind in zip(batch_keys, types, strict=True):
             name = kind.decode() if isinstance(kind, bytes) else str(kind)
             if name != "none":
-                invalid.append({"key": key, "why": f"a Redis {name}, not a string"})
+                invalid.append({"key": key_bytes.decode("utf-8", "replace"), "why": f"a Redis {name}, not a string"})
     workers.sort(key=lambda w: (w["worker"]["host"], w["worker"]["pid"]))
     invalid.sort(key=lambda entry: entry["key"])
     return workers, invalid
