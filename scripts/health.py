@@ -84,6 +84,12 @@ def format_report(report: dict[str, Any]) -> str:
     )
     channels = totals["channels"]
     lines.append("channels: " + (" · ".join(f"{name} {n}" for name, n in channels.items()) or "none"))
+    listed = report.get("invalid", [])
+    for entry in listed:
+        lines.append(f"invalid heartbeat: {entry['key']!r}: {entry['why']}")
+    unlisted = totals.get("invalid_heartbeats", 0) - len(listed)
+    if unlisted > 0:
+        lines.append(f"invalid heartbeat: {unlisted} more not listed")
     status = report["status"]
     lines.append(f"status: {status}" + (": " + "; ".join(report["reasons"]) if report["reasons"] else ""))
     return "\n".join(lines)
@@ -101,6 +107,9 @@ def _emit(report: dict[str, Any], as_json: bool, clear: bool) -> None:
         print("\x1b[H\x1b[2J", end="")
     print(time.strftime("%Y-%m-%d %H:%M:%S"), flush=False)
     print(format_report(report), flush=True)
+    if report["status"] == health.FAILING:
+        # As for an unreachable Redis: a failing check says why in one line on stderr too.
+        print(f"health: failing: {'; '.join(report['reasons'])}", file=sys.stderr, flush=True)
 
 
 async def _run(redis: Redis, keys: Keys, args: argparse.Namespace, last: list[int]) -> None:
@@ -145,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_run(redis, Keys(settings.redis_prefix), args, last))
     except KeyboardInterrupt:
         pass  # --watch ends here; the exit code is the last report's
+    except Exception as exc:
+        # A health check answers with a status and one line, whatever it met; never a traceback.
+        print(f"health: failing: {exc!r}", file=sys.stderr, flush=True)
+        return health.EXIT_CODES[health.FAILING]
     return last[0]
 
 

@@ -597,6 +597,12 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str, process: sub
     raise RuntimeError(f"{what}: not ready within {timeout:.0f} s")
 
 
+# The health documents with per-worker detail need the admin token: the tool sets it for the server it
+# starts (and takes ADMIN_TOKEN from the environment for a server it does not).
+ADMIN_TOKEN = os.environ.get("ADMIN_TOKEN") or "loadtest-admin"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
 def _start_wsbroadcast(redis_url: str, workers: int, extra_env: dict[str, str]) -> Target:
     port = free_port()
     prefix = "bench:"
@@ -608,6 +614,7 @@ def _start_wsbroadcast(redis_url: str, workers: int, extra_env: dict[str, str]) 
         "WEB_CONCURRENCY": str(workers),
         "REDIS_URL": redis_url,
         "REDIS_PREFIX": prefix,
+        "ADMIN_TOKEN": ADMIN_TOKEN,
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
         **extra_env,
     }
@@ -619,7 +626,7 @@ def _start_wsbroadcast(redis_url: str, workers: int, extra_env: dict[str, str]) 
 
     def ready() -> bool:
         try:
-            doc = httpx.get(f"http://127.0.0.1:{port}/health/cluster", timeout=2).json()
+            doc = httpx.get(f"http://127.0.0.1:{port}/health/cluster", timeout=2, headers=ADMIN_HEADERS).json()
         except (httpx.HTTPError, ValueError):
             return False
         live = [w for w in doc.get("workers", []) if w["worker"]["pid"] in {p.pid for p in target.workers()}]
@@ -1170,7 +1177,8 @@ class Run:
         if self.target.name != "wsbroadcast":
             return None
         try:
-            doc = httpx.get(f"http://{self.target.host}:{self.target.port}/health/cluster", timeout=5).json()
+            url = f"http://{self.target.host}:{self.target.port}/health/cluster"
+            doc = httpx.get(url, timeout=5, headers=ADMIN_HEADERS).json()
         except (httpx.HTTPError, ValueError):
             return None
         total: Counter[str] = Counter()

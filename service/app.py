@@ -206,15 +206,54 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
     return _JSON({"error": detail}, status_code=status, headers=headers)
 
 
-async def worker_health(request: Request) -> Response:
-    doc = health.worker_stats(request.app.state.service)
+_NO_DETAIL = "health detail is not available over HTTP: ADMIN_TOKEN is unset (scripts/health reads it from Redis)"
+_DETAIL_HINT = "channels, counters, queues and settings: send Authorization: Bearer <ADMIN_TOKEN>"
+
+
+def _health_access(request: Request) -> bool | Response:
+    """Whether a health request gets the full document (True), the public one (False), or a refusal.
+
+    No Authorization header: the public document. A bearer token: the full one if it is
+    ADMIN_TOKEN, else 403, and 403 when ADMIN_TOKEN is unset (no detail over HTTP at all).
+    """
+    auth = request.headers.get("authorization")
+    if auth is None:
+        return False
+    if not auth.lower().startswith("bearer "):
+        return _problem(401, "health detail needs Authorization: Bearer <ADMIN_TOKEN>", {"WWW-Authenticate": "Bearer"})
+    token = request.app.state.service.settings.admin_token
+    if not token:
+        return _problem(403, _NO_DETAIL)
+    if not hmac.compare_digest(auth[7:].strip().encode(), token.encode()):
+        return _problem(403, "wrong bearer token")
+    return True
+
+
+def _public(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    doc["detail"] = _DETAIL_HINT if settings.admin_token else _NO_DETAIL
+    return doc
+
+
+def _health_json(doc: dict[str, Any]) -> Response:
     return _JSON(doc, status_code=503 if doc["status"] == health.FAILING else 200)
+
+
+async def worker_health(request: Request) -> Response:
+    service: Service = request.app.state.service
+    access = _health_access(request)
+    if isinstance(access, Response):
+        return access
+    doc = health.worker_stats(service)
+    return _health_json(doc if access else _public(health.public_worker(doc), service.settings))
 
 
 async def cluster_health(request: Request) -> Response:
     service: Service = request.app.state.service
-    doc = await health.cluster_report(service.broker.redis, service.keys)
-    return _JSON(doc, status_code=503 if doc["status"] == health.FAILING else 200)
+    access = _health_access(request)
+    if isinstance(access, Response):
+        return access
+    doc = await health.cluster_report(service.broker.redis, service.keys, health.CLUSTER_TIMEOUT)
+    return _health_json(doc if access else _public(health.public_cluster(doc), service.settings))
 
 
 async def metrics(request: Request) -> Response:

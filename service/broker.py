@@ -37,6 +37,7 @@ BACKOFF_START = 0.05
 # after Redis answered with a 0.2 s cap, 0.02-0.11 s with 0.1 s. A refused connect every 0.1 s per
 # worker while Redis is down costs next to nothing.
 BACKOFF_CAP = 0.1
+CONNECT_TIMEOUT = 2.0
 
 
 class Broker:
@@ -56,7 +57,7 @@ class Broker:
             settings.redis_url,
             max_connections=settings.redis_pool_size,
             timeout=settings.redis_pool_timeout,
-            socket_connect_timeout=2.0,
+            socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=settings.redis_command_timeout,
             retry=Retry(NoBackoff(), 0),
             # RESP2: pub/sub messages arrive as plain replies, without RESP3's push-handler detour.
@@ -76,6 +77,9 @@ class Broker:
         self._canary_task: asyncio.Task[None] | None = None
         self._restart = asyncio.Event()
         self._restart_reason = ""
+        # Time allowed for the listener's connect and handshake: a canary round (what the canary
+        # allows a confirmation), and at least the TCP connect timeout.
+        self._connect_budget = max(2 * settings.canary_interval, CONNECT_TIMEOUT)
         # When the current listener connection was opened (None between attempts): a connection
         # whose SUBSCRIBE is never confirmed is as deaf as one that stops delivering.
         self._attempt_started: float | None = None
@@ -84,6 +88,7 @@ class Broker:
         self.reconnects = 0
         self.canary_misses = 0
         self.canary_ok = True
+        self.canary_error = ""  # why the last canary was missed, while canary_ok is False
         self.last_error = "not connected yet"
         self.ever_connected = False
         self._down_logged = False
@@ -170,7 +175,10 @@ class Broker:
             conn: Connection | None = None
             sender: asyncio.Task[None] | None = None
             try:
-                conn = await self.pool.get_connection()  # type: ignore[no-untyped-call]
+                # Bounded: a stalled Redis accepts the TCP connection and never answers the
+                # handshake; the next attempt must not wait for the socket timeout.
+                async with asyncio.timeout(self._connect_budget):
+                    conn = await self.pool.get_connection()  # type: ignore[no-untyped-call]
                 self._sent.clear()
                 self._confirmed.clear()
                 self._unacked.clear()
@@ -181,6 +189,9 @@ class Broker:
                 await self._read_forever(conn, sender)
             except asyncio.CancelledError:
                 raise
+            except TimeoutError as exc:
+                # Ours from the bounded connect (no connection yet), else a socket's own.
+                self._mark_down(f"no connection within {self._connect_budget:g} s" if conn is None else repr(exc))
             except (RedisError, OSError, RuntimeError) as exc:
                 self._mark_down(str(exc) or type(exc).__name__)
             except Exception as exc:
@@ -310,7 +321,12 @@ class Broker:
     # --- the canary -----------------------------------------------------------------------------
 
     async def _canary_forever(self) -> None:
-        """Publish a numbered canary each interval; one not back within two intervals is a miss."""
+        """Publish a numbered canary each interval; one not back within two intervals is a miss.
+
+        A canary Redis does not accept within one interval is a miss as well: a stalled server
+        accepts connections and answers nothing, and the verdict must not wait for the pool's
+        socket timeout (nor forget the canary when that timeout finally fires).
+        """
         number = 0
         sent_at = 0.0
         interval = self._settings.canary_interval
@@ -332,6 +348,7 @@ class Broker:
                 if self.canary_ok:
                     log.warning("canary missed: the pub/sub listener is not delivering; restarting it")
                 self.canary_ok = False
+                self.canary_error = f"canary not back within {2 * interval:g} s"
                 self._canary_pending = None
                 self._restart_reason = "canary missed"
                 self._restart.set()
@@ -340,10 +357,31 @@ class Broker:
             token = str(number).encode()
             self._canary_pending = token
             try:
-                await self.redis.publish(self._canary_channel, token)
-            except (RedisError, OSError):
-                self._canary_pending = None
+                async with asyncio.timeout(interval):
+                    await self.redis.publish(self._canary_channel, token)
+            except TimeoutError:
+                self._canary_not_sent(f"canary publish not answered within {interval:g} s")
+                continue
+            except (RedisError, OSError) as exc:
+                self._canary_not_sent(f"canary publish failed: {exc or type(exc).__name__}")
+                continue
             sent_at = time.monotonic()
+
+    def _canary_not_sent(self, reason: str) -> None:
+        """Count a canary Redis did not take as a miss, without restarting the listener.
+
+        The listener's own connection is judged by canaries Redis accepted: a stalled Redis goes on
+        delivering on the same subscription once it answers again, and a restart would only add a
+        reconnect to wait for.
+        """
+        self._canary_pending = None
+        if not self.connected:
+            return  # the listener saw the loss first; its reason says more than this one
+        self.canary_misses += 1
+        if self.canary_ok:
+            log.warning("canary not accepted by Redis: %s; reporting degraded until one is back", reason)
+        self.canary_ok = False
+        self.canary_error = reason
 
     def _canary_received(self, token: bytes) -> None:
         if token != self._canary_pending:
@@ -352,6 +390,7 @@ class Broker:
         if not self.canary_ok:
             log.warning("canary received again: the pub/sub listener is delivering")
             self.canary_ok = True
+            self.canary_error = ""
 
 
 def _redact(url: str) -> str:

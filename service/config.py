@@ -85,7 +85,7 @@ def _origins(raw: str) -> tuple[str, ...]:
 
 _origins.__doc__ = "a comma list of origins like https://example.com, or *"
 
-_SECRETS = frozenset({"redis_url", "publish_token", "connect_secret"})
+_SECRETS = frozenset({"redis_url", "publish_token", "connect_secret", "admin_token"})
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,7 @@ class Settings:
     memory_high_watermark: float = 0.8
     publish_token: str = field(default="", repr=False)
     connect_secret: str = field(default="", repr=False)
+    admin_token: str = field(default="", repr=False)
     allowed_origins: tuple[str, ...] = ()
     history_size: int = 100
     history_ttl: float = 300.0
@@ -166,7 +167,7 @@ class Settings:
 
 def _shown(name: str, raw: str) -> str:
     """The value as an error message may show it: secrets hidden, a URL's password masked."""
-    if name in ("publish_token", "connect_secret"):
+    if name in ("publish_token", "connect_secret", "admin_token"):
         return "(hidden)"
     if name == "redis_url":
         raw = re.sub(r"://([^@/]*)@", "://***@", raw)
@@ -222,6 +223,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "memory_high_watermark": _float(0, 1, open_lo=True),
     "publish_token": _text,
     "connect_secret": _text,
+    "admin_token": _text,
     "allowed_origins": _origins,
     "history_size": _int(0, 100000),
     "history_ttl": _float(1, 30 * 86400),

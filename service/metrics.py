@@ -75,7 +75,7 @@ _COUNTER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "client_frames_rejected": ("Client frames answered with an error frame", ()),
     "redis_reconnects": ("Times the Redis pub/sub connection was restored", ()),
-    "redis_canary_misses": ("Listener canaries that did not come back in time", ()),
+    "redis_canary_misses": ("Listener canaries Redis did not accept in time or that did not come back", ()),
     "memory_pressure_alerts": ("Times a worker crossed its memory high watermark", ()),
     "publish_failures": (
         "POST /publish answered 503, by whether it was published: false (surely not), unknown (sent, unanswered)",

@@ -22,6 +22,7 @@ from scripts.redis_server import free_port, terminate
 from scripts.run import procfile_web
 
 ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "test-admin"  # every test service's ADMIN_TOKEN; Service.get sends it for the health paths
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
@@ -68,6 +69,7 @@ class Service:
             "HEARTBEAT_INTERVAL": "0.5",
             "CANARY_INTERVAL": "0.5",
             "PUBLISH_TOKEN": "test-token",
+            "ADMIN_TOKEN": ADMIN_TOKEN,
             "GRACEFUL_TIMEOUT": "5",
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
         }
@@ -120,8 +122,13 @@ class Service:
             return None
         return terminate(process, timeout)
 
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.base + path, timeout=10)
+    def get(self, path: str, admin: bool = True) -> httpx.Response:
+        """GET ``path``; the health paths with the admin token (their full documents) unless ``admin`` is False."""
+        headers = {}
+        token = self.env.get("ADMIN_TOKEN", "")
+        if admin and token and path.split("?")[0] in ("/health", "/health/cluster"):
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.get(self.base + path, timeout=10, headers=headers)
 
     def publish(self, channel: str, data: Any, token: str = "test-token") -> httpx.Response:
         return httpx.post(
