@@ -153,6 +153,15 @@ async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> Any:
     return orjson.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
+async def recv_publication(ws: ClientConnection, timeout: float = 5.0) -> Any:
+    """The next frame, a publication: its offset and epoch checked and left out, for comparing."""
+    frame = await recv_json(ws, timeout)
+    assert isinstance(frame, dict) and "op" not in frame, frame
+    if "offset" in frame:  # absent only for frames PUBLISHed raw, bypassing the publish function
+        assert isinstance(frame.pop("offset"), int) and isinstance(frame.pop("epoch"), str), frame
+    return frame
+
+
 async def subscribe_client(service: Service, channels: str) -> ClientConnection:
     """Connect with ``?channels=`` and wait for every subscribed ack."""
     ws = await service.connect(f"?channels={channels}")

@@ -10,7 +10,15 @@ import pytest
 import redis
 
 from scripts.redis_server import PrivateRedis
-from tests.support import Service, clients_on_both_workers, recv_json, subscribe_client, wait_until, worker_of
+from tests.support import (
+    Service,
+    clients_on_both_workers,
+    recv_json,
+    recv_publication,
+    subscribe_client,
+    wait_until,
+    worker_of,
+)
 
 
 @pytest.fixture(scope="module", params=["fast-path", "asgi-path"])
@@ -27,14 +35,15 @@ async def test_every_client_gets_every_frame_once_in_order(service: Service, red
     expected = []
     for seq in range(40):
         if seq % 2:
-            assert service.publish("news", {"seq": seq}).json() == {"channel": "news", "workers": 2}
+            doc = service.publish("news", {"seq": seq}).json()
+            assert (doc["channel"], doc["workers"], doc["offset"]) == ("news", 2, (seq + 1) // 2)
         else:
             # Any process may PUBLISH the documented frame on <prefix><channel>.
             assert raw.publish(f"{service.prefix}news", orjson.dumps({"channel": "news", "data": {"seq": seq}})) == 2
         expected.append({"channel": "news", "data": {"seq": seq}})
     raw.close()
     for ws in clients:
-        got = [await recv_json(ws) for _ in expected]
+        got = [await recv_publication(ws) for _ in expected]
         assert got == expected
         await ws.send('{"op":"ping"}')
         assert await recv_json(ws) == {"op": "pong"}  # nothing extra was queued before the pong
@@ -73,14 +82,14 @@ async def test_runtime_subscribe_and_unsubscribe_follow_local_listeners(
     assert await recv_json(ws) == {"op": "subscribed", "channel": "room1"}
     assert redis_channels() == {f"{service.prefix}room1"}
     service.publish("room1", "hello")
-    assert await recv_json(ws) == {"channel": "room1", "data": "hello"}
+    assert await recv_publication(ws) == {"channel": "room1", "data": "hello"}
 
     await ws.send('{"op":"unsubscribe","channel":"room1"}')
     assert await recv_json(ws) == {"op": "unsubscribed", "channel": "room1"}
     wait_until(lambda: redis_channels() == set(), what="UNSUBSCRIBE after the last local listener")
     service.publish("room1", "not for you")
     service.publish("lobby", "for you")
-    assert await recv_json(ws) == {"channel": "lobby", "data": "for you"}
+    assert await recv_publication(ws) == {"channel": "lobby", "data": "for you"}
     await ws.close()
     raw.close()
 
@@ -102,7 +111,7 @@ async def test_default_channel_and_control_errors(service: Service) -> None:
     await ws.send(b"\x00binary")
     assert (await recv_json(ws))["error"] == "binary_not_supported"
     service.publish("broadcast", [1, 2])
-    assert await recv_json(ws) == {"channel": "broadcast", "data": [1, 2]}  # still serving
+    assert await recv_publication(ws) == {"channel": "broadcast", "data": [1, 2]}  # still serving
     await ws.close()
 
 

@@ -35,6 +35,7 @@ from tests.support import (
     async_wait_until,
     clients_on_both_workers,
     recv_json,
+    recv_publication,
     subscribe_client,
     wait_until,
     worker_of,
@@ -417,7 +418,7 @@ async def test_start_without_redis_reports_failing_then_recovers() -> None:
         assert service.worker_pids() == pids
         ws = await subscribe_client(service, "news")
         assert service.publish("news", "hello").status_code == 202
-        assert await recv_json(ws) == {"channel": "news", "data": "hello"}
+        assert await recv_publication(ws) == {"channel": "news", "data": "hello"}
         await ws.close()
     finally:
         service.stop()
@@ -451,7 +452,7 @@ async def test_publish_while_redis_down_is_503_fast_and_sends_nothing(own_redis:
 
         await async_wait_until(delivered, 10, what="publish accepted again")
         # Nothing half-sent: the first frame the client sees is the one published after recovery.
-        assert await recv_json(ws) == {"channel": "news", "data": "after"}
+        assert await recv_publication(ws) == {"channel": "news", "data": "after"}
         await ws.close()
 
 

@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from scripts.redis_server import PrivateRedis
 from service import codec
-from tests.support import Service, recv_json, subscribe_client, wait_until
+from tests.support import Service, recv_json, recv_publication, subscribe_client, wait_until
 
 MAX_BYTES = 4096
 
@@ -68,7 +68,7 @@ async def test_each_bad_frame_gets_an_error_and_the_connection_keeps_its_state(s
         assert reply["detail"], reply
     # Its subscriptions are intact and it still works.
     assert service.publish("sport", "goal").status_code == 202
-    assert await recv_json(ws) == {"channel": "sport", "data": "goal"}
+    assert await recv_publication(ws) == {"channel": "sport", "data": "goal"}
     await ws.send('{"op":"ping"}')
     assert await recv_json(ws) == {"op": "pong"}
     await ws.close()
@@ -80,7 +80,7 @@ async def test_binary_frame_is_refused_with_an_error(service: Service) -> None:
     reply = await recv_json(ws)
     assert reply["error"] == "binary_not_supported"
     assert service.publish("news", 1).status_code == 202
-    assert await recv_json(ws) == {"channel": "news", "data": 1}
+    assert await recv_publication(ws) == {"channel": "news", "data": 1}
     await ws.close()
 
 
@@ -103,7 +103,7 @@ async def test_frame_over_max_message_bytes_closes_1009(service: Service) -> Non
     assert await close_code(ws) == 1009
     # The worker is unaffected.
     assert service.publish("news", "ok").status_code == 202
-    assert await recv_json(other) == {"channel": "news", "data": "ok"}
+    assert await recv_publication(other) == {"channel": "news", "data": "ok"}
     await other.close()
 
 
@@ -137,7 +137,7 @@ async def test_too_many_subscriptions_are_refused_and_the_rest_kept(service: Ser
     await ws.send('{"op":"subscribe","channel":"d"}')
     assert await recv_json(ws) == {"op": "subscribed", "channel": "d"}
     assert service.publish("d", "dee").status_code == 202
-    assert await recv_json(ws) == {"channel": "d", "data": "dee"}
+    assert await recv_publication(ws) == {"channel": "d", "data": "dee"}
     await ws.close()
 
 
@@ -244,7 +244,7 @@ async def test_bad_payloads_from_redis_are_dropped_counted_logged_once(
     raw.publish(channel, orjson.dumps({"channel": "raw", "data": "fine"}))
     raw.close()
     # The listener kept going: the valid one arrives, and nothing before it did.
-    assert await recv_json(ws) == {"channel": "raw", "data": "fine"}
+    assert await recv_publication(ws) == {"channel": "raw", "data": "fine"}
     counters = wait_until(
         lambda: (c := service.get("/health").json()["counters"])["invalid_payloads"] == before + 3 and c,
         what="three invalid payloads counted",

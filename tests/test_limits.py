@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from scripts.redis_server import PrivateRedis
 from scripts.run import procfile_web
-from tests.support import ROOT, Service, async_wait_until, recv_json, subscribe_client, wait_until
+from tests.support import ROOT, Service, async_wait_until, recv_json, recv_publication, subscribe_client, wait_until
 
 
 def _current(service: Service) -> int:
@@ -33,7 +33,7 @@ async def test_fourth_handshake_is_refused_with_503(redis_server: PrivateRedis) 
         assert refused.value.response.headers["Retry-After"]
         service.publish("a", "still served")
         for ws in clients:
-            assert await recv_json(ws) == {"channel": "a", "data": "still served"}
+            assert await recv_publication(ws) == {"channel": "a", "data": "still served"}
         health = service.get("/health").json()
         assert health["connections"]["current"] == 3
         assert health["counters"]["refused"] == 1

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from scripts.redis_server import PrivateRedis
-from tests.support import ROOT, Service, recv_json, subscribe_client
+from tests.support import ROOT, Service, recv_publication, subscribe_client
 
 
 def _publish(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -24,12 +24,12 @@ async def test_publish_cli_via_redis_and_http(redis_server: PrivateRedis) -> Non
         done = await asyncio.to_thread(_publish, "cli", '{"via":"redis"}', env=env)
         assert done.returncode == 0, done.stderr
         assert "1 workers" in done.stdout
-        assert await recv_json(ws) == {"channel": "cli", "data": {"via": "redis"}}
+        assert await recv_publication(ws) == {"channel": "cli", "data": {"via": "redis"}}
 
         env["PUBLISH_TOKEN"] = "test-token"
         done = await asyncio.to_thread(_publish, "cli", '"via http"', "--http", service.base, env=env)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert await recv_json(ws) == {"channel": "cli", "data": "via http"}
+        assert await recv_publication(ws) == {"channel": "cli", "data": "via http"}
 
         env["PUBLISH_TOKEN"] = "wrong"
         done = await asyncio.to_thread(_publish, "cli", "1", "--http", service.base, env=env)

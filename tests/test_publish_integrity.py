@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection
 from scripts.redis_server import PrivateRedis
 from service.publication import MAX_DEPTH, InvalidPublication, split_body
 from service.publisher import IdempotencyConflict, Refused, Unknown, publish, publish_sync
-from tests.support import ROOT, Service, recv_json, subscribe_client, wait_until
+from tests.support import ROOT, Service, recv_publication, subscribe_client, wait_until
 
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer test-token"}
 
@@ -264,7 +264,7 @@ async def test_python_publisher_and_cli_forward_bytes_and_honour_idempotency_key
     bad = await asyncio.to_thread(_cli, "api", "[" * 300 + "]" * 300, env=env)
     assert bad.returncode == 2 and "nests too deep" in bad.stderr
     assert service.publish("api", "end").status_code == 202
-    assert await recv_json(ws) == {"channel": "api", "data": "end"}  # no second copy before it
+    assert await recv_publication(ws) == {"channel": "api", "data": "end"}  # no second copy before it
     await ws.close()
 
 

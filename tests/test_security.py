@@ -20,7 +20,7 @@ from scripts.redis_server import PrivateRedis
 from service.app import create_app
 from service.config import Settings
 from service.gate import TokenError, mint_token, verify_token
-from tests.support import ROOT, Service, recv_json, wait_until
+from tests.support import ROOT, Service, recv_json, recv_publication, wait_until
 
 SECRET = "connect-secret-5f1c9a"
 ORIGIN = "https://app.example"
@@ -133,7 +133,7 @@ async def test_connect_token_required_valid_unexpired_and_for_the_channel(guarde
     reply = await recv_json(ws)
     assert reply["error"] == "forbidden_channel"
     assert guarded.publish("news", "hi").status_code == 202
-    assert await recv_json(ws) == {"channel": "news", "data": "hi"}  # still connected, still subscribed
+    assert await recv_publication(ws) == {"channel": "news", "data": "hi"}  # still connected, still subscribed
     await ws.close()
 
     # A Bearer header works too (non-browser clients), and * allows any channel.
