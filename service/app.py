@@ -29,15 +29,20 @@ from service.broker import Broker
 from service.config import CHANNEL_RE, Settings
 from service.endpoint import websocket_endpoint
 from service.gate import Gate
+from service.history import History
 from service.hub import Hub
 from service.keys import Keys
 from service.memory import MemoryMonitor
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import Metrics
 from service.ratelog import RateLimitedLog
+from service.recovery import Recovery
 from service.tracker import Tracker
 
 log = logging.getLogger("wsbroadcast.app")
+
+# A subscription Redis has not confirmed within this long is logged (rate-limited), then waited for.
+SUBSCRIBE_CONFIRM_WAIT = 5.0
 
 # What the publish function adds around the data and the channel's name (its offset, epoch and
 # field names), at most: a frame over MAX_MESSAGE_BYTES would be dropped by every worker.
@@ -60,9 +65,18 @@ class Service:
         self.worker_name = f"{self.worker_id[0]}:{self.worker_id[1]}"
         self.started_at = time.time()
         self.gate = Gate(settings)
-        self.hub = Hub(self._on_first, self._on_last, settings.queue_size, settings.queue_bytes)
+        self.hub = Hub(
+            self._on_first,
+            self._on_last,
+            settings.queue_size,
+            settings.queue_bytes,
+            on_hole=self._on_hole,
+            recent_size=settings.history_size,
+        )
         self.tracker = Tracker(settings.max_connections, settings.idle_timeout, self.hub.last_publish)
-        self.broker = Broker(settings, self.keys, self.worker_id, self._on_message)
+        self.broker = Broker(settings, self.keys, self.worker_id, self._on_message, self._on_reconnect)
+        self.history = History(self.broker.redis, self.keys, settings)
+        self.recovery = Recovery(self.history, self.hub)
         self.memory = MemoryMonitor(settings, self.tracker)
         self.metrics = Metrics(self)
         self.hub.on_fanout = self.metrics.observe_fanout
@@ -73,6 +87,17 @@ class Service:
 
     def _on_last(self, channel: str) -> None:
         self.broker.unwant(channel)
+
+    def _on_hole(self, channel: str, offset: int, epoch: str) -> None:
+        self.recovery.on_hole(channel, offset, epoch)
+
+    def _on_reconnect(self) -> None:
+        self.recovery.check_all(self.confirmed)
+
+    async def confirmed(self, channel: str) -> None:
+        """Wait until Redis has confirmed the subscription to ``channel``, however long it takes."""
+        while not await self.broker.confirmed(channel, SUBSCRIBE_CONFIRM_WAIT):
+            ratelog.warning("unconfirmed", "subscription to %r not confirmed by Redis yet; still waiting", channel)
 
     def _on_message(self, channel: str, payload: bytes) -> None:
         counters = self.tracker.counters
@@ -90,8 +115,13 @@ class Service:
         if not isinstance(frame, dict) or frame.get("channel") != channel:
             self._invalid(channel, f'not a JSON object with "channel": {channel!r}')
             return
+        offset, epoch = frame.get("offset"), frame.get("epoch")
+        if offset is not None or epoch is not None:
+            if type(offset) is not int or offset < 1 or not isinstance(epoch, str) or not epoch:
+                self._invalid(channel, "an offset that is not a positive integer, or an epoch that is not a string")
+                return
         try:
-            self.hub.publish(channel, payload)
+            self.hub.publish(channel, payload, offset, epoch)
         except UnicodeDecodeError:
             self._invalid(channel, "not UTF-8")
 
@@ -119,6 +149,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await service.heartbeat.remove()
+        await service.recovery.stop()
         await service.broker.stop()
         log.info("worker %s stopped", service.worker_name)
 

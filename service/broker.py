@@ -47,10 +47,14 @@ class Broker:
         keys: Keys,
         worker_id: tuple[str, int],
         on_message: Callable[[str, bytes], None],
+        on_reconnect: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._keys = keys
         self._on_message = on_message
+        # Called when the listener is back after a loss: what was published meanwhile never
+        # reached it, so whoever wires the broker reads it from the history.
+        self._on_reconnect = on_reconnect
         # No client-side retries: a publish while Redis is down fails at once (503) instead of
         # hanging for the retry schedule.
         self.pool = BlockingConnectionPool.from_url(
@@ -297,6 +301,8 @@ class Broker:
                     down,
                     len(self._wanted),
                 )
+                if self._on_reconnect is not None:
+                    self._on_reconnect()
             else:
                 log.info("Redis pub/sub connected to %s", _redact(self._settings.redis_url))
             self.ever_connected = True

@@ -31,6 +31,9 @@ RECENT_WINDOW = 10.0
 FILL_ATTEMPTS = 8
 FILL_BACKOFF_CAP = 1.0
 RECOVER_ATTEMPTS = 3
+# A reconnect's check of a channel waits this long for its subscription (then the next publication
+# on it shows any hole anyway).
+CHECK_CONFIRM_TIMEOUT = 30.0
 # Recovered publications go out in writes of this many: each write is checked against the
 # connection's bound like any other, so a client that cannot take its backlog is a slow consumer.
 RECOVERY_BATCH = 16
@@ -166,13 +169,24 @@ class Recovery:
         self._fills.add(task)
         task.add_done_callback(self._fills.discard)
 
-    def check_all(self) -> None:
-        """After a pub/sub reconnect: read every positioned channel's publications since its last
-        accepted offset, so whatever was published while the listener was away is delivered."""
+    def check_all(self, confirmed: Callable[[str], Awaitable[None]]) -> None:
+        """After a pub/sub reconnect: once each positioned channel's subscription is confirmed
+        again, read its publications since its last accepted offset, so whatever was published
+        while the listener was away is delivered."""
         for channel in self._hub.positioned():
-            begun = self._hub.begin_check(channel)
-            if begun is not None:
-                self.on_hole(channel, *begun)
+            task = asyncio.get_running_loop().create_task(self._check(channel, confirmed))
+            self._fills.add(task)
+            task.add_done_callback(self._fills.discard)
+
+    async def _check(self, channel: str, confirmed: Callable[[str], Awaitable[None]]) -> None:
+        try:
+            await asyncio.wait_for(confirmed(channel), CHECK_CONFIRM_TIMEOUT)
+        except TimeoutError:
+            self._log.warning("check", "no history check for %r: its subscription was not confirmed", channel)
+            return
+        begun = self._hub.begin_check(channel)
+        if begun is not None:
+            await self._fill(channel, Position(*begun))
 
     async def _fill(self, channel: str, since: Position) -> None:
         delay = 0.05

@@ -112,7 +112,7 @@ async def test_after_a_reconnect_the_worker_reads_what_it_missed(redis: Redis) -
     await w.start()
     epoch = await w.publish(3)
     w.deliver(1, epoch=epoch)
-    w.recovery.check_all()  # nothing else arrived: 2 and 3 were published while it was away
+    w.recovery.check_all(_confirmed)  # nothing else arrived: 2 and 3 were published while it was away
     await _settled(w.out, [1, 2, 3])
 
 
