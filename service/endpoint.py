@@ -20,12 +20,15 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from service import codec
 from service.config import CHANNEL_RE
 from service.outbound import Bounds, DirectOutbound, QueueOutbound
+from service.ratelog import RateLimitedLog
 from service.tracker import CLOSE_SLOW, Connection
 
 if TYPE_CHECKING:
     from service.app import Service
 
 log = logging.getLogger("wsbroadcast.endpoint")
+# Every client can subscribe while Redis is down: one line per interval, not one per subscribe.
+_rated = RateLimitedLog(log)
 
 DIRECT_EXTENSION = "wsbroadcast.direct"
 CLOSE_POLICY = 1008
@@ -235,7 +238,9 @@ class _Session:
         # Redis is down the subscription stays registered and is restored on reconnect.
         if await self.service.broker.confirmed(channel, SUBSCRIBE_CONFIRM_TIMEOUT):
             return True
-        log.warning("subscription to %r not confirmed by Redis within %.0f s", channel, SUBSCRIBE_CONFIRM_TIMEOUT)
+        _rated.warning(
+            "unconfirmed", "subscription to %r not confirmed by Redis within %.0f s", channel, SUBSCRIBE_CONFIRM_TIMEOUT
+        )
         return False
 
     async def _error(self, code: str, detail: str) -> None:
