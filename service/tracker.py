@@ -34,6 +34,7 @@ class Counters:
     invalid_payloads: int = 0
     bad_client_frames: int = 0
     abuse_closed: int = 0
+    token_expired_closed: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
