@@ -18,8 +18,9 @@ from service.ratelog import RateLimitedLog
 SECRET_PARAMS = frozenset({"token"})
 REDACTED = "***"
 
-# The raw query after a "?", up to the end of the URL as uvicorn logs it (quoted, so no spaces).
-_QUERY_RE = re.compile(r"\?([^\s\"'<>]*)")
+# The raw query after a "?", to the next whitespace: uvicorn logs the path quoted but the query raw,
+# and a raw query may hold quotes and brackets, so nothing but whitespace ends it.
+_QUERY_RE = re.compile(r"\?(\S*)")
 _PAIR_SEPARATORS = re.compile(r"([&;])")
 
 # uvicorn's and websockets' lines that a client triggers, by their format string: the key they are
