@@ -13,7 +13,7 @@ import pytest
 
 from scripts.redis_server import PrivateRedis
 from service.gate import mint_token
-from tests.support import Service, wait_until
+from tests.support import Service, recv_json, wait_until
 from workers.logfilter import redact
 
 SECRET = "connect-secret-logs-7d1e"
@@ -108,6 +108,22 @@ async def test_refused_handshakes_and_bad_requests_are_a_line_per_kind(service: 
     assert 1 <= len(_lines(log, '" 401')) <= 2
     assert len(_lines(log, '"WebSocket /ws')) <= 4  # nothing else names the refused handshakes
     assert 1 <= len(_lines(log, "invalid HTTP request")) <= 2
+
+
+async def test_subscriptions_redis_cannot_confirm_are_one_line(own_redis: PrivateRedis) -> None:
+    with Service(own_redis.url, workers=1) as svc:
+        await asyncio.to_thread(own_redis.stop)
+        before = len(svc.log())
+
+        async def subscribe(i: int) -> None:
+            ws = await svc.connect(f"?channels=c{i}")
+            # Acked once the confirmation wait is over; restored when Redis is back.
+            assert await recv_json(ws, timeout=30) == {"op": "subscribed", "channel": f"c{i}"}
+            await ws.close()
+
+        await asyncio.gather(*(subscribe(i) for i in range(15)))
+        log = svc.log()[before:]
+    assert 1 <= len(_lines(log, "not confirmed by Redis")) <= 2, log
 
 
 @pytest.mark.parametrize("name", ["%74oken", "t%6Fken", "%74%6F%6B%65%6E"])
