@@ -140,6 +140,16 @@ async def test_a_percent_encoded_token_name_is_checked_and_never_logged(redis_se
     assert secret_value not in log
 
 
+def test_an_access_log_turned_on_shows_no_token(redis_server: PrivateRedis) -> None:
+    with Service(redis_server.url, workers=1, gunicorn_cmd_args="--access-logfile -") as svc:
+        for query in ("?%74oken=SECRET-A-51c0", "?x=1&t%6Fken=SECRET-B-51c0", "?token=SECRET-C-51c0"):
+            assert svc.get("/health" + query).status_code == 200
+        wait_until(lambda: svc.log().count('"GET /health?') >= 3, what="three access lines")
+        log = svc.log()
+    assert "%74oken=***" in log and "t%6Fken=***" in log and "?token=***" in log
+    assert "SECRET-" not in log
+
+
 def test_redact_finds_the_token_by_its_decoded_name() -> None:
     for name in ("token", "%74oken", "t%6Fken", "%74%6F%6B%65%6E", "TOKEN", "%2574oken", "tok%65n"):
         for query in (f"{name}=S3CR3T", f"channels=a,b&{name}=S3CR3T&x=1", f"x=1;{name}=S3CR3T"):
