@@ -95,11 +95,10 @@ class Gate:
                 return 403, str(exc)
             # The channels asked for at connect are checked here too, so a token that does not
             # cover them is refused before accept; later subscribe ops get an error frame instead.
-            if "*" not in claims.channels:
-                raw = ws.query_params.get("channels")
-                for name in [self._default] if raw is None else raw.split(","):
-                    if name and name not in claims.channels:
-                        return 403, f"the token does not allow channel {name[:128]!r}"
+            raw = ws.query_params.get("channels")
+            for name in [self._default] if raw is None else raw.split(","):
+                if name and not claims.allows(name):
+                    return 403, f"the token does not allow channel {name[:128]!r}"
             ws.scope[CLAIMS_SCOPE_KEY] = claims
         return None
 
