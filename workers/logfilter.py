@@ -12,7 +12,7 @@ import logging
 import re
 from urllib.parse import unquote_plus
 
-from service.ratelog import RateLimitedLog
+from service.ratelog import DEFAULT_INTERVAL, RateLimitedLog
 
 # Query parameters that carry credentials, compared after decoding the name as the query parser does.
 SECRET_PARAMS = frozenset({"token"})
@@ -85,19 +85,19 @@ class ClientLogFilter(logging.Filter):
     """For ``uvicorn.error`` (which websockets logs to as well): redacts, drops per-connection
     lines, and turns client-triggered ones into one rate-limited line per kind, without traceback."""
 
-    def __init__(self, logger: logging.Logger | None = None, interval: float | None = None) -> None:
+    def __init__(self, interval: float = DEFAULT_INTERVAL) -> None:
         super().__init__()
-        target = logger or logging.getLogger("wsbroadcast.clients")
-        self._rated = RateLimitedLog(target) if interval is None else RateLimitedLog(target, interval)
+        # Our own logger: a line logged to uvicorn.error would come back through this filter.
+        self._rated = RateLimitedLog(logging.getLogger("wsbroadcast.clients"), interval)
 
     def filter(self, record: logging.LogRecord) -> bool:
         redact_record(record)
         template = record.msg
         if template in _WS_RESPONSE_LINES:
-            status = record.args[-1] if isinstance(record.args, tuple) and record.args else 403
-            # A bounded vocabulary: HTTP statuses are three-digit ints.
-            key = f"handshake_refused_{int(status) if isinstance(status, int) else 403}"
-            self._rated.info(key, "handshake refused: %s", record.getMessage())
+            args = record.args if isinstance(record.args, tuple) else ()
+            status = args[2] if len(args) > 2 and isinstance(args[2], int) else 403
+            # Keyed by status, a bounded vocabulary (HTTP statuses), never by anything the client sent.
+            self._rated.info(f"handshake_refused_{status}", "handshake refused: %s", record.getMessage())
             return False
         known = _CLIENT_LINES.get(template) if isinstance(template, str) else None
         if known is not None:
