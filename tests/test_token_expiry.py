@@ -25,6 +25,7 @@ def service(redis_server: PrivateRedis) -> Iterator[Service]:
 
 
 async def _connect(service: Service, channels: str, ttl: float) -> tuple[ClientConnection, int]:
+    """A subscribed client whose token expires (exp is whole seconds) 1.5-2.5 s from now for ttl=2.5."""
     token = mint_token(SECRET, channels.split(","), ttl)
     ws = await service.connect(f"?channels={channels}&token={token}")
     for name in channels.split(","):
@@ -45,7 +46,7 @@ async def _closed(ws: ClientConnection, timeout: float = 15.0) -> tuple[int, str
 
 
 async def test_a_connection_is_closed_3000_when_its_token_expires(service: Service) -> None:
-    ws, exp = await _connect(service, "news", ttl=2)
+    ws, exp = await _connect(service, "news", ttl=2.5)
     assert service.publish("news", "before").status_code == 202
     assert await recv_json(ws, timeout=10) == {"channel": "news", "data": "before"}
     code, reason, closed_at = await _closed(ws)
@@ -64,7 +65,7 @@ async def test_a_connection_is_closed_3000_when_its_token_expires(service: Servi
 
 
 async def test_a_refreshed_connection_keeps_receiving_past_the_first_exp(service: Service) -> None:
-    ws, first_exp = await _connect(service, "news,sport", ttl=2)
+    ws, first_exp = await _connect(service, "news,sport", ttl=2.5)
     fresh = mint_token(SECRET, ["news", "sport", "more"], 3600)
     await ws.send(f'{{"op":"refresh","token":"{fresh}"}}')
     assert await recv_json(ws, timeout=10) == {"op": "refreshed", "exp": verify_claims(SECRET, fresh).exp}
@@ -78,7 +79,7 @@ async def test_a_refreshed_connection_keeps_receiving_past_the_first_exp(service
 
 
 async def test_a_bad_refresh_gets_an_error_frame_and_the_old_exp_still_closes(service: Service) -> None:
-    ws, exp = await _connect(service, "news", ttl=2)
+    ws, exp = await _connect(service, "news", ttl=2.5)
     forged = mint_token("not-the-secret", ["*"], 3600)
     narrower = mint_token(SECRET, ["sport"], 3600)  # valid, but not for the channel subscribed to
     expired = mint_token(SECRET, ["news"], 60, now=time.time() - 3600)
