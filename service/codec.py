@@ -51,10 +51,12 @@ PONG = control("pong")
 
 @dataclass(frozen=True, slots=True)
 class ClientOp:
-    """A valid client frame: ``op`` is subscribe, unsubscribe or ping; ``channel`` is set for the first two."""
+    """A valid client frame: ``op`` is subscribe, unsubscribe, ping or refresh; ``channel`` is set for
+    the first two, ``token`` (a fresh connect token, not yet verified) for refresh."""
 
     op: str
     channel: str = ""
+    token: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +83,13 @@ def parse_client_frame(text: str) -> ClientOp | ClientError:
         return ClientError("invalid_frame", 'frame needs a string field "op"')
     if op == "ping":
         return ClientOp("ping")
+    if op == "refresh":
+        token = value.get("token")
+        if not isinstance(token, str) or not token:
+            return ClientError("invalid_frame", 'op "refresh" needs a string field "token"')
+        return ClientOp("refresh", token=token)
     if op not in _OPS_WITH_CHANNEL:
-        return ClientError("unknown_op", f"unknown op {op[:64]!r}; expected subscribe, unsubscribe or ping")
+        return ClientError("unknown_op", f"unknown op {op[:64]!r}; expected subscribe, unsubscribe, ping or refresh")
     channel = value.get("channel")
     if not isinstance(channel, str):
         return ClientError("invalid_frame", f'op {op!r} needs a string field "channel"')

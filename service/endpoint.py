@@ -19,16 +19,23 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service import codec
 from service.config import CHANNEL_RE
+from service.gate import CLAIMS_SCOPE_KEY, Claims, TokenError
 from service.outbound import Bounds, DirectOutbound, QueueOutbound
+from service.ratelog import RateLimitedLog
 from service.tracker import CLOSE_SLOW, Connection
 
 if TYPE_CHECKING:
     from service.app import Service
 
 log = logging.getLogger("wsbroadcast.endpoint")
+# Every client can subscribe while Redis is down: one line per interval, not one per subscribe.
+_rated = RateLimitedLog(log)
 
 DIRECT_EXTENSION = "wsbroadcast.direct"
 CLOSE_POLICY = 1008
+# The connect token expired unrefreshed (3000 is "Unauthorized" in IANA's registry): reconnect with
+# a fresh token; not a policy violation.
+CLOSE_TOKEN_EXPIRED = 3000
 CLOSE_TRY_AGAIN = 1013
 MAX_ERRORS = 10
 SUBSCRIBE_CONFIRM_TIMEOUT = 5.0
@@ -100,7 +107,10 @@ class _Session:
         self.writer: asyncio.Task[None] | None = None
         self.errors = 0
         self.closing = False
-        self.allowed: frozenset[str] | None = ws.scope.get("wsbroadcast.allowed_channels")
+        # With CONNECT_SECRET set: what the token grants, and the timer that closes the connection
+        # when it expires (one handle per connection, nothing per message).
+        self.claims: Claims | None = ws.scope.get(CLAIMS_SCOPE_KEY)
+        self.expiry: asyncio.TimerHandle | None = None
         settings = service.settings
         self.limit = _RateLimit(settings.client_rate_limit, settings.client_rate_burst)
         bounds = Bounds(settings.queue_size, settings.queue_bytes, settings.slow_consumer_policy == "drop-oldest")
@@ -117,6 +127,8 @@ class _Session:
             await self.ws.accept(headers=[(b"x-wsbroadcast-worker", service.worker_name.encode())])
             if isinstance(self.conn.outbound, QueueOutbound):
                 self.writer = asyncio.create_task(self._write(self.conn.outbound))
+            if self.claims is not None:
+                self._expire_at(self.claims.exp)
             if not await self._initial_channels():
                 return
             await self._read_loop()
@@ -129,6 +141,9 @@ class _Session:
                 service.hub.discard(channel, self.conn.outbound)  # type: ignore[arg-type]
             self.conn.channels.clear()
             service.tracker.remove(self.conn)
+            if self.expiry is not None:
+                self.expiry.cancel()
+                self.expiry = None
             if self.writer is not None:
                 self.writer.cancel()
             # Session, connection and outbound refer to each other: cut the cycles so the
@@ -201,6 +216,8 @@ class _Session:
     async def _apply(self, op: codec.ClientOp) -> None:
         if op.op == "ping":
             await self.ws.send_text(codec.PONG)
+        elif op.op == "refresh":
+            await self._refresh(op.token)
         elif op.op == "subscribe":
             if op.channel in self.conn.channels:
                 await self.ws.send_text(codec.control("subscribed", channel=op.channel))
@@ -219,7 +236,37 @@ class _Session:
             await self._error("not_subscribed", f"not subscribed to {op.channel!r}")
 
     def _may_subscribe(self, channel: str) -> bool:
-        return self.allowed is None or channel in self.allowed or "*" in self.allowed
+        return self.claims is None or self.claims.allows(channel)
+
+    async def _refresh(self, token: str) -> None:
+        """Replace the connection's token: verified like a connect token, and it must allow every
+        channel the connection is subscribed to; otherwise an error frame, and the old one stays."""
+        try:
+            claims = self.service.gate.verify(token)
+        except TokenError as exc:
+            await self._error("invalid_token", f"{exc}; the current token stays")
+            return
+        refused = sorted(channel for channel in self.conn.channels if not claims.allows(channel))
+        if refused:
+            await self._error(
+                "forbidden_channel", f"the new token does not allow channel {refused[0]!r}; the current token stays"
+            )
+            return
+        self.claims = claims
+        self._expire_at(claims.exp)
+        await self.ws.send_text(codec.control("refreshed", exp=claims.exp))
+
+    def _expire_at(self, exp: int) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+        loop = asyncio.get_running_loop()
+        # exp is wall-clock time, the loop's clock is monotonic: convert once, now.
+        self.expiry = loop.call_at(loop.time() + max(0.0, exp - time.time()), self._expired)
+
+    def _expired(self) -> None:
+        self.expiry = None
+        if self.close(CLOSE_TOKEN_EXPIRED, "token expired"):
+            self.service.tracker.counters.token_expired_closed += 1
 
     async def _subscribe(self, channel: str) -> None:
         self._register(channel)
@@ -236,7 +283,9 @@ class _Session:
         # Redis is down the subscription stays registered and is restored on reconnect.
         if await self.service.broker.confirmed(channel, SUBSCRIBE_CONFIRM_TIMEOUT):
             return True
-        log.warning("subscription to %r not confirmed by Redis within %.0f s", channel, SUBSCRIBE_CONFIRM_TIMEOUT)
+        _rated.warning(
+            "unconfirmed", "subscription to %r not confirmed by Redis within %.0f s", channel, SUBSCRIBE_CONFIRM_TIMEOUT
+        )
         return False
 
     async def _error(self, code: str, detail: str) -> None:

@@ -2,12 +2,15 @@
 
 A connect token is ``itsdangerous``-signed JSON ``{"channels": [...], "exp": <unix time>}``; with
 ``CONNECT_SECRET`` set, /ws requires one (query ``token=`` for browsers, or a Bearer header) and
-limits the client to the channels it names (``*`` for any). All checks run before accept.
+limits the client to the channels it names (``*`` for any). All checks run before accept. The
+connection lives until ``exp`` unless the client sends a fresh token (the ``refresh`` op), which is
+verified here too: this module is the one place that mints and verifies tokens.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from itsdangerous import BadSignature, URLSafeSerializer
@@ -16,6 +19,8 @@ from starlette.websockets import WebSocket
 from service.config import CHANNEL_RE, Settings
 
 _SALT = "wsbroadcast-connect"
+# Where the gate leaves an admitted connection's Claims for the endpoint.
+CLAIMS_SCOPE_KEY = "wsbroadcast.claims"
 
 
 class TokenError(ValueError):
@@ -35,8 +40,24 @@ def mint_token(secret: str, channels: list[str], ttl: float, now: float | None =
     return str(_serializer(secret).dumps({"channels": channels, "exp": int(expires)}))
 
 
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What a valid connect token grants: ``channels`` (``*`` for any) until ``exp`` (unix time)."""
+
+    channels: frozenset[str]
+    exp: int
+
+    def allows(self, channel: str) -> bool:
+        return "*" in self.channels or channel in self.channels
+
+
 def verify_token(secret: str, token: str, now: float | None = None) -> frozenset[str]:
     """The channels a valid token allows; raises TokenError naming what is wrong."""
+    return verify_claims(secret, token, now).channels
+
+
+def verify_claims(secret: str, token: str, now: float | None = None) -> Claims:
+    """What a valid token grants; raises TokenError naming what is wrong."""
     try:
         payload: Any = _serializer(secret).loads(token)
     except BadSignature:
@@ -46,7 +67,7 @@ def verify_token(secret: str, token: str, now: float | None = None) -> frozenset
     expires = payload.get("exp")
     if not isinstance(expires, int) or expires < (time.time() if now is None else now):
         raise TokenError("connect token expired")
-    return frozenset(c for c in payload["channels"] if isinstance(c, str))
+    return Claims(frozenset(c for c in payload["channels"] if isinstance(c, str)), expires)
 
 
 class Gate:
@@ -69,15 +90,20 @@ class Gate:
             if not token:
                 return 401, "a connect token is required (query parameter token=)"
             try:
-                allowed = verify_token(self._secret, token)
+                claims = verify_claims(self._secret, token)
             except TokenError as exc:
                 return 403, str(exc)
             # The channels asked for at connect are checked here too, so a token that does not
             # cover them is refused before accept; later subscribe ops get an error frame instead.
-            if "*" not in allowed:
-                raw = ws.query_params.get("channels")
-                for name in [self._default] if raw is None else raw.split(","):
-                    if name and name not in allowed:
-                        return 403, f"the token does not allow channel {name[:128]!r}"
-            ws.scope["wsbroadcast.allowed_channels"] = allowed
+            raw = ws.query_params.get("channels")
+            for name in [self._default] if raw is None else raw.split(","):
+                if name and not claims.allows(name):
+                    return 403, f"the token does not allow channel {name[:128]!r}"
+            ws.scope[CLAIMS_SCOPE_KEY] = claims
         return None
+
+    def verify(self, token: str) -> Claims:
+        """A fresh token sent on an open connection (the refresh op); raises TokenError."""
+        if not self._secret:
+            raise TokenError("this server requires no connect token")
+        return verify_claims(self._secret, token)

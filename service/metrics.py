@@ -45,6 +45,7 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "idle_closed": ("connections_closed", ("idle",)),
     "slow_closed": ("connections_closed", ("slow_consumer",)),
     "abuse_closed": ("connections_closed", ("abuse",)),
+    "token_expired_closed": ("connections_closed", ("token_expired",)),
     "delivered": ("frames_delivered", ()),
     "dropped": ("frames_dropped", ()),
     "published_http": ("publishes_received", ("http",)),
@@ -62,7 +63,10 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 _COUNTER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "connections_accepted": ("WebSocket connections accepted", ()),
     "connections_refused": ("WebSocket handshakes refused with 503, by reason (full, memory)", ("reason",)),
-    "connections_closed": ("Connections closed by the server, by reason (idle, slow_consumer, abuse)", ("reason",)),
+    "connections_closed": (
+        "Connections closed by the server, by reason (idle, slow_consumer, abuse, token_expired)",
+        ("reason",),
+    ),
     "frames_delivered": ("Publication frames handed to a client's socket", ()),
     "frames_dropped": ("Publication frames dropped by the drop-oldest slow-consumer policy", ()),
     "publishes_received": (
@@ -164,6 +168,7 @@ class Metrics:
             "idle_closed": c.idle_closed,
             "slow_closed": c.slow_closed,
             "abuse_closed": c.abuse_closed,
+            "token_expired_closed": c.token_expired_closed,
             "delivered": c.delivered,
             "dropped": c.dropped,
             "published_http": c.published_http,

@@ -38,6 +38,7 @@ class Counters:
     publish_refused: int = 0
     publish_unknown: int = 0
     publish_replays: int = 0
+    token_expired_closed: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

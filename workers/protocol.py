@@ -19,6 +19,7 @@ import socket
 from asyncio.transports import BaseTransport
 from typing import Any
 
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 
@@ -128,6 +129,26 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
                 "link": self,
                 "direct": not self.conn.extensions,
             }
+
+    async def run_asgi(self) -> None:
+        # As uvicorn's, except that a handshake refused with a denial response (401, 403, 503) counts
+        # as completed: uvicorn logged "ASGI callable returned without completing handshake" at ERROR
+        # for every refusal, so any client could fill the log.
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete and self.initial_response is None:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+        if self.close_timer is None:
+            self.transport.close()
 
     # --- DirectLink --------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import signal
 import sys
 from typing import Any
@@ -19,27 +18,7 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from service.config import Settings
-
-
-class _PerConnectionFilter(logging.Filter):
-    """Drops uvicorn's and websockets' per-connection INFO lines: at thousands of clients they cost
-    more than they tell. Refusals, errors and our own counters remain."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(isinstance(a, str) and "token=" in a for a in record.args):
-            # uvicorn logs refused handshakes with their query string: a connect token is a credential.
-            record.args = tuple(_TOKEN_RE.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
-        if record.levelno > logging.INFO:
-            return True
-        message = record.getMessage()
-        return not (
-            message in ("connection open", "connection closed")
-            or message.endswith("[accepted]")
-            or message.startswith("connection rejected")
-        )
-
-
-_TOKEN_RE = re.compile(r"([?&]token=)[^&\s]*")
+from workers.logfilter import ClientLogFilter, RedactingFilter
 
 
 class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker ships no type information
@@ -62,7 +41,9 @@ class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker sh
             "timeout_graceful_shutdown": max(1.0, settings.graceful_timeout - 1.0),
         }
         super().__init__(*args, **kwargs)
-        logging.getLogger("uvicorn.error").addFilter(_PerConnectionFilter())
+        # Anything a client can trigger is logged rate-limited and without its token (workers.logfilter).
+        logging.getLogger("uvicorn.error").addFilter(ClientLogFilter())
+        logging.getLogger("uvicorn.access").addFilter(RedactingFilter())
         ours = logging.getLogger("wsbroadcast")
         ours.handlers = self.log.error_log.handlers
         ours.setLevel(self.log.error_log.level)
