@@ -57,6 +57,8 @@ class ClientOp:
     op: str
     channel: str = ""
     token: str = ""
+    # subscribe only: the last publication the client got, as (offset, epoch), to recover from
+    since: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,4 +97,16 @@ def parse_client_frame(text: str) -> ClientOp | ClientError:
         return ClientError("invalid_frame", f'op {op!r} needs a string field "channel"')
     if not CHANNEL_RE.fullmatch(channel):
         return ClientError("invalid_channel", "channel names match [A-Za-z0-9_.:-]{1,128}")
-    return ClientOp(op, channel)
+    since = value.get("since")
+    if op == "unsubscribe" or since is None:
+        return ClientOp(op, channel)
+    if not isinstance(since, dict):
+        return ClientError("invalid_since", _SINCE_RULE)
+    offset, epoch = since.get("offset"), since.get("epoch")
+    if type(offset) is not int or not 0 <= offset < 2**63 or not isinstance(epoch, str) or not 0 < len(epoch) <= 64:
+        return ClientError("invalid_since", _SINCE_RULE)
+    return ClientOp(op, channel, since=(offset, epoch))
+
+
+_SINCE_RULE = '"since" must be {"offset": <integer >= 0>, "epoch": "<1-64 characters>"}, as the server sent them'
+

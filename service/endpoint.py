@@ -20,8 +20,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from service import codec
 from service.config import CHANNEL_RE
 from service.gate import CLAIMS_SCOPE_KEY, Claims, TokenError
+from service.history import Position
 from service.outbound import Bounds, DirectOutbound, QueueOutbound
 from service.ratelog import RateLimitedLog
+from service.recovery import Recovered
 from service.tracker import CLOSE_SLOW, Connection
 
 if TYPE_CHECKING:
@@ -38,7 +40,6 @@ CLOSE_POLICY = 1008
 CLOSE_TOKEN_EXPIRED = 3000
 CLOSE_TRY_AGAIN = 1013
 MAX_ERRORS = 10
-SUBSCRIBE_CONFIRM_TIMEOUT = 5.0
 # How a send or receive fails once the client is gone or the connection is closed under us.
 _GONE = (OSError, RuntimeError, WebSocketDisconnect)
 
@@ -105,6 +106,8 @@ class _Session:
         direct = bool(extension.get("direct", True))
         self.conn: Connection = service.tracker.admit(self.close)
         self.writer: asyncio.Task[None] | None = None
+        # Subscriptions under way: Redis's confirmation, the position or the recovery read.
+        self.joining: dict[str, asyncio.Task[Recovered]] = {}
         self.errors = 0
         self.closing = False
         # With CONNECT_SECRET set: what the token grants, and the timer that closes the connection
@@ -137,9 +140,8 @@ class _Session:
             # into WebSocketDisconnect) or the connection was closed under us.
             log.debug("connection %d ended: %r", self.conn.id, exc)
         finally:
-            for channel in self.conn.channels:
-                service.hub.discard(channel, self.conn.outbound)  # type: ignore[arg-type]
-            self.conn.channels.clear()
+            for channel in list(self.conn.channels):
+                self._leave(channel)
             service.tracker.remove(self.conn)
             if self.expiry is not None:
                 self.expiry.cancel()
@@ -174,13 +176,9 @@ class _Session:
             if not self._may_subscribe(name):
                 await self._fail("forbidden_channel", f"the token does not allow channel {name!r}")
                 return False
-        # Registered at once and confirmed together: with Redis down, N channels wait one
-        # timeout, not N.
+        # Joined together: with Redis down, every channel waits for it at once.
         for name in names:
-            self._register(name)
-        confirmed = await asyncio.gather(*(self._confirm(name) for name in names))
-        for name, _ in zip(names, confirmed, strict=True):
-            await self.ws.send_text(codec.control("subscribed", channel=name))
+            self._join(name, None)
         return True
 
     async def _read_loop(self) -> None:
@@ -220,17 +218,21 @@ class _Session:
             await self._refresh(op.token)
         elif op.op == "subscribe":
             if op.channel in self.conn.channels:
-                await self.ws.send_text(codec.control("subscribed", channel=op.channel))
+                # Already subscribed: the position now (its first ack, if still joining, follows).
+                position = None if op.channel in self.joining else self.service.hub.position(op.channel)
+                if position is not None:
+                    await self.ws.send_text(
+                        codec.control("subscribed", channel=op.channel, offset=position[0], epoch=position[1])
+                    )
             elif len(self.conn.channels) >= self.service.settings.max_channels_per_connection:
                 limit = self.service.settings.max_channels_per_connection
                 await self._error("too_many_channels", f"at most {limit} channels per connection")
             elif not self._may_subscribe(op.channel):
                 await self._error("forbidden_channel", f"the token does not allow channel {op.channel!r}")
             else:
-                await self._subscribe(op.channel)
+                self._join(op.channel, op.since)
         elif op.channel in self.conn.channels:
-            self.conn.channels.discard(op.channel)
-            self.service.hub.discard(op.channel, self.conn.outbound)  # type: ignore[arg-type]
+            self._leave(op.channel)
             await self.ws.send_text(codec.control("unsubscribed", channel=op.channel))
         else:
             await self._error("not_subscribed", f"not subscribed to {op.channel!r}")
@@ -268,25 +270,28 @@ class _Session:
         if self.close(CLOSE_TOKEN_EXPIRED, "token expired"):
             self.service.tracker.counters.token_expired_closed += 1
 
-    async def _subscribe(self, channel: str) -> None:
-        self._register(channel)
-        await self._confirm(channel)
-        await self.ws.send_text(codec.control("subscribed", channel=channel))
-
-    def _register(self, channel: str) -> None:
+    def _join(self, channel: str, since: tuple[int, str] | None) -> None:
+        """Subscribe in the background: the read loop goes on (pings, other ops) while Redis
+        confirms the subscription and the history is read, however long that takes."""
         self.conn.channels.add(channel)
-        self.service.hub.add(channel, self.conn.outbound)  # type: ignore[arg-type]
-        self.service.hub.activate(channel, self.conn.outbound)  # type: ignore[arg-type]
+        position = Position(*since) if since is not None else None
+        join = self.service.recovery.join(channel, self.conn.outbound, position, self.service.confirmed)  # type: ignore[arg-type]
+        task = asyncio.get_running_loop().create_task(join)
+        self.joining[channel] = task
+        task.add_done_callback(lambda done: self._joined(channel, done))
 
-    async def _confirm(self, channel: str) -> bool:
-        # The ack means "publications from now on reach you": wait for Redis to confirm. While
-        # Redis is down the subscription stays registered and is restored on reconnect.
-        if await self.service.broker.confirmed(channel, SUBSCRIBE_CONFIRM_TIMEOUT):
-            return True
-        _rated.warning(
-            "unconfirmed", "subscription to %r not confirmed by Redis within %.0f s", channel, SUBSCRIBE_CONFIRM_TIMEOUT
-        )
-        return False
+    def _joined(self, channel: str, task: asyncio.Task[Recovered]) -> None:
+        if self.joining.get(channel) is task:
+            del self.joining[channel]
+        if not task.cancelled() and task.exception() is not None:
+            _rated.warning("join", "subscription to %r failed: %r", channel, task.exception())
+
+    def _leave(self, channel: str) -> None:
+        task = self.joining.pop(channel, None)
+        if task is not None:
+            task.cancel()
+        self.conn.channels.discard(channel)
+        self.service.hub.discard(channel, self.conn.outbound)  # type: ignore[arg-type]
 
     async def _error(self, code: str, detail: str) -> None:
         self.errors += 1

@@ -61,12 +61,19 @@ class Message:
         self.control = False
 
 
+def control_message(channel: str, frame: bytes, offset: int, epoch: str) -> Message:
+    """A control frame for one connection (an ack, a gap), in order with its publications but
+    outside its queue's bounds and not counted as a delivered publication."""
+    message = Message(channel, frame, offset=offset, epoch=epoch)
+    message.control = True
+    message.count = 0
+    return message
+
+
 def gap_message(channel: str, offset: int, epoch: str) -> Message:
     """The gap frame that tells one connection it lost the publications of ``channel`` up to ``offset``."""
-    message = Message(channel, codec.control("gap", channel=channel, offset=offset, epoch=epoch).encode())
-    message.control = True
-    message.offset, message.epoch = offset, epoch
-    return message
+    return control_message(channel, codec.control("gap", channel=channel, offset=offset, epoch=epoch).encode(),
+                           offset, epoch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +117,10 @@ class QueueOutbound:
         if self.closed:
             return
         queue, bounds = self._queue, self._bounds
+        if message.control:
+            queue.append(message)
+            self._wake.set()
+            return
         if self._frames + message.count > bounds.frames or self._bytes + message.size > bounds.bytes:
             if not bounds.drop_oldest:
                 self.closed = True

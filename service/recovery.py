@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from service import codec
 from service.history import History, Position, Range
 from service.hub import Hub
-from service.outbound import Message, Outbound
+from service.outbound import Message, Outbound, control_message
 from service.ratelog import RateLimitedLog
 
 log = logging.getLogger("wsbroadcast.recovery")
@@ -154,10 +154,11 @@ class Recovery:
         if since is not None:
             fields["recovered"] = got.recovered
         ack = codec.control("subscribed", **fields).encode()
-        frames = [frame for _, frame in got.frames]
+        frames = got.frames
         for start in range(0, len(frames), RECOVERY_BATCH):
-            outbound.offer(Message(channel, frames[start : start + RECOVERY_BATCH], offset=got.offset, epoch=got.epoch))
-        outbound.offer(Message(channel, ack, offset=got.offset, epoch=got.epoch))
+            batch = frames[start : start + RECOVERY_BATCH]
+            outbound.offer(Message(channel, [f for _, f in batch], offset=batch[-1][0], epoch=got.epoch))
+        outbound.offer(control_message(channel, ack, got.offset, got.epoch))
         self._hub.activate(channel, outbound)
         return got
 

@@ -162,11 +162,26 @@ async def recv_publication(ws: ClientConnection, timeout: float = 5.0) -> Any:
     return frame
 
 
+def check_ack(frame: Any, channel: str) -> dict[str, Any]:
+    """``frame`` is the ``subscribed`` ack of ``channel``, with its position (offset and epoch)."""
+    assert isinstance(frame, dict) and frame.get("op") == "subscribed" and frame.get("channel") == channel, frame
+    assert isinstance(frame.get("offset"), int) and frame["offset"] >= 0, frame
+    assert isinstance(frame.get("epoch"), str) and frame["epoch"], frame
+    return frame
+
+
+async def recv_ack(ws: ClientConnection, channel: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The next frame, the ``subscribed`` ack of ``channel``."""
+    return check_ack(await recv_json(ws, timeout), channel)
+
+
 async def subscribe_client(service: Service, channels: str) -> ClientConnection:
-    """Connect with ``?channels=`` and wait for every subscribed ack."""
+    """Connect with ``?channels=`` and wait for every subscribed ack (in any order)."""
     ws = await service.connect(f"?channels={channels}")
-    for name in channels.split(","):
-        assert await recv_json(ws) == {"op": "subscribed", "channel": name}
+    names = channels.split(",")
+    acks = [await recv_json(ws) for _ in names]
+    for name in names:
+        check_ack(next(a for a in acks if a.get("channel") == name), name)
     return ws
 
 

@@ -13,6 +13,7 @@ from scripts.redis_server import PrivateRedis
 from tests.support import (
     Service,
     clients_on_both_workers,
+    recv_ack,
     recv_json,
     recv_publication,
     subscribe_client,
@@ -79,7 +80,7 @@ async def test_runtime_subscribe_and_unsubscribe_follow_local_listeners(
     ws = await subscribe_client(service, "lobby")
     assert redis_channels() == set()
     await ws.send('{"op":"subscribe","channel":"room1"}')
-    assert await recv_json(ws) == {"op": "subscribed", "channel": "room1"}
+    await recv_ack(ws, "room1")
     assert redis_channels() == {f"{service.prefix}room1"}
     service.publish("room1", "hello")
     assert await recv_publication(ws) == {"channel": "room1", "data": "hello"}
@@ -96,7 +97,7 @@ async def test_runtime_subscribe_and_unsubscribe_follow_local_listeners(
 
 async def test_default_channel_and_control_errors(service: Service) -> None:
     ws = await service.connect()
-    assert await recv_json(ws) == {"op": "subscribed", "channel": "broadcast"}
+    await recv_ack(ws, "broadcast")
     for frame, code in [
         ("not json", "invalid_json"),
         ('{"op":"dance"}', "unknown_op"),

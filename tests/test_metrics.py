@@ -20,7 +20,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.redis_server import PrivateRedis
-from tests.support import Service, clients_on_both_workers, recv_json, wait_until, worker_of
+from tests.support import Service, check_ack, clients_on_both_workers, recv_json, wait_until, worker_of
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -84,7 +84,7 @@ class StalledClient:
         # The subscribed ack (a short unmasked text frame) says the subscription is in place.
         while len(rest) < 2 or len(rest) < 2 + rest[1]:
             rest += self.sock.recv(4096)
-        assert orjson.loads(rest[2 : 2 + rest[1]]) == {"op": "subscribed", "channel": channel}
+        check_ack(orjson.loads(rest[2 : 2 + rest[1]]), channel)
 
     @property
     def pid(self) -> str:
