@@ -110,18 +110,23 @@ async def test_refused_handshakes_and_bad_requests_are_a_line_per_kind(service: 
     assert 1 <= len(_lines(log, "invalid HTTP request")) <= 2
 
 
-async def test_subscriptions_redis_cannot_confirm_are_one_line(own_redis: PrivateRedis) -> None:
+async def test_subscriptions_redis_cannot_confirm_are_one_line_and_never_acked_falsely(
+    own_redis: PrivateRedis,
+) -> None:
     with Service(own_redis.url, workers=1) as svc:
         await asyncio.to_thread(own_redis.stop)
         before = len(svc.log())
-
-        async def subscribe(i: int) -> None:
-            ws = await svc.connect(f"?channels=c{i}")
-            # Acked once the confirmation wait is over; restored when Redis is back.
+        clients = [await svc.connect(f"?channels=c{i}") for i in range(15)]
+        await asyncio.to_thread(
+            wait_until, lambda: "not confirmed by Redis" in svc.log()[before:], 30, 0.1, "the waiting line"
+        )
+        for ws in clients:  # no ack while Redis cannot confirm: it would be a promise not kept
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.recv(), 0.2)
+        await asyncio.to_thread(own_redis.start)
+        for i, ws in enumerate(clients):  # restored when Redis is back, then acknowledged
             await recv_ack(ws, f"c{i}", timeout=30)
             await ws.close()
-
-        await asyncio.gather(*(subscribe(i) for i in range(15)))
         log = svc.log()[before:]
     assert 1 <= len(_lines(log, "not confirmed by Redis")) <= 2, log
 
