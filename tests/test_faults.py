@@ -35,6 +35,7 @@ from tests.support import (
     async_wait_until,
     clients_on_both_workers,
     recv_ack,
+    recv_json,
     recv_publication,
     subscribe_client,
     wait_until,
@@ -451,8 +452,12 @@ async def test_publish_while_redis_down_is_503_fast_and_sends_nothing(own_redis:
             return (await asyncio.to_thread(service.publish, "news", "after")).status_code == 202
 
         await async_wait_until(delivered, 10, what="publish accepted again")
-        # Nothing half-sent: the first frame the client sees is the one published after recovery.
-        assert await recv_publication(ws) == {"channel": "news", "data": "after"}
+        # Redis came back empty: a new epoch of the channel, announced as a gap before its first
+        # publication. Nothing half-sent: that one is the one published after recovery.
+        gap = await recv_json(ws)
+        assert (gap["op"], gap["channel"], gap["offset"]) == ("gap", "news", 0), gap
+        frame = await recv_json(ws)
+        assert (frame["data"], frame["offset"], frame["epoch"]) == ("after", 1, gap["epoch"]), frame
         await ws.close()
 
 

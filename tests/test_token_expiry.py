@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed
 from scripts.redis_server import PrivateRedis
 from service.endpoint import CLOSE_TOKEN_EXPIRED
 from service.gate import mint_token, verify_claims
-from tests.support import Service, recv_ack, recv_json, wait_until
+from tests.support import Service, recv_ack, recv_json, recv_publication, wait_until
 
 SECRET = "connect-secret-expiry-41c2"
 
@@ -48,7 +48,7 @@ async def _closed(ws: ClientConnection, timeout: float = 15.0) -> tuple[int, str
 async def test_a_connection_is_closed_3000_when_its_token_expires(service: Service) -> None:
     ws, exp = await _connect(service, "news", ttl=2.5)
     assert service.publish("news", "before").status_code == 202
-    assert await recv_json(ws, timeout=10) == {"channel": "news", "data": "before"}
+    assert await recv_publication(ws, 10) == {"channel": "news", "data": "before"}
     code, reason, closed_at = await _closed(ws)
     assert (code, reason) == (CLOSE_TOKEN_EXPIRED, "token expired") == (3000, "token expired")
     assert closed_at >= exp - 0.2  # not before the token's exp (clock granularity aside)
@@ -71,7 +71,7 @@ async def test_a_refreshed_connection_keeps_receiving_past_the_first_exp(service
     assert await recv_json(ws, timeout=10) == {"op": "refreshed", "exp": verify_claims(SECRET, fresh).exp}
     wait_until(lambda: time.time() > first_exp + 1.5, timeout=10, what="the first token's exp to pass")
     assert service.publish("sport", "after").status_code == 202
-    assert await recv_json(ws, timeout=10) == {"channel": "sport", "data": "after"}
+    assert await recv_publication(ws, 10) == {"channel": "sport", "data": "after"}
     # The new token's channels apply: one it names that the first did not.
     await ws.send('{"op":"subscribe","channel":"more"}')
     await recv_ack(ws, "more", timeout=10)
@@ -96,7 +96,7 @@ async def test_a_bad_refresh_gets_an_error_frame_and_the_old_exp_still_closes(se
     assert (await recv_json(ws, timeout=10))["error"] == "invalid_frame"
     # Still connected and receiving under the old token...
     assert service.publish("news", "still").status_code == 202
-    assert await recv_json(ws, timeout=10) == {"channel": "news", "data": "still"}
+    assert await recv_publication(ws, 10) == {"channel": "news", "data": "still"}
     # ...until its exp.
     code, reason, closed_at = await _closed(ws)
     assert (code, reason) == (3000, "token expired")
