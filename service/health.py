@@ -84,6 +84,11 @@ def worker_stats(service: Service) -> dict[str, Any]:
             "depth": tracker.queue_depths(),
         },
         "counters": tracker.counters.as_dict(),
+        "history": {
+            "size": settings.history_size,
+            "ttl": settings.history_ttl,
+            **service.recovery.counts(tracker.counters),
+        },
         "redis": {
             "connected": broker.connected,
             "canary_ok": broker.canary_ok,

@@ -58,9 +58,23 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "publish_refused": ("publish_failures", ("false",)),
     "publish_unknown": ("publish_failures", ("unknown",)),
     "publish_replays": ("publish_replays", ()),
+    "recovered": ("recoveries", ("true",)),
+    "not_recovered": ("recoveries", ("false",)),
+    "gaps_sent": ("gaps_sent", ()),
+    "holes": ("holes", ()),
+    "holes_filled": ("holes_filled", ()),
+    "history_reads": ("history_reads", ()),
+    "duplicates": ("duplicate_publications", ()),
 }
 
 _COUNTER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "recoveries": ("Subscriptions with since, by outcome: true (recovered), false (told to reload)", ("recovered",)),
+    "gaps_sent": ("Gap frames sent: publications lost to a connection, announced (drop-oldest, history too short, "
+                  "Redis lost the channel)", ()),
+    "holes": ("Publications missing between Redis and a worker (an offset skipped ahead, a reconnect)", ()),
+    "holes_filled": ("History reads that filled a worker's hole", ()),
+    "history_reads": ("Reads of a channel's history in Redis (holes and recoveries, coalesced per channel)", ()),
+    "duplicate_publications": ("Publications a worker dropped as already delivered (history and live overlap)", ()),
     "connections_accepted": ("WebSocket connections accepted", ()),
     "connections_refused": ("WebSocket handshakes refused with 503, by reason (full, memory)", ("reason",)),
     "connections_closed": (
@@ -181,6 +195,7 @@ class Metrics:
             "publish_refused": c.publish_refused,
             "publish_unknown": c.publish_unknown,
             "publish_replays": c.publish_replays,
+            **service.recovery.counts(c),
         }
 
     def sync(self) -> None:

@@ -22,6 +22,7 @@ from service.history import History, Position, Range
 from service.hub import Hub
 from service.outbound import Message, Outbound, control_message
 from service.ratelog import RateLimitedLog
+from service.tracker import Counters
 
 log = logging.getLogger("wsbroadcast.recovery")
 
@@ -161,6 +162,19 @@ class Recovery:
         outbound.offer(control_message(channel, ack, got.offset, got.epoch))
         self._hub.activate(channel, outbound)
         return got
+
+    def counts(self, counters: Counters) -> dict[str, int]:
+        """The figures of offsets and recovery, as /health and /metrics show them."""
+        hub = self._hub
+        return {
+            "recovered": self.recovered,
+            "not_recovered": self.not_recovered,
+            "gaps_sent": hub.gaps + counters.gaps_sent,
+            "holes": hub.holes,
+            "holes_filled": self.holes_filled,
+            "history_reads": self.reads,
+            "duplicates": hub.duplicates,
+        }
 
     # --- holes -----------------------------------------------------------------------------------
 
