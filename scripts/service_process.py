@@ -119,7 +119,7 @@ class ServiceProcess:
         if self.own_metrics_dir and not self.env.get(MULTIPROC_ENV):
             self.metrics_dir = Path(tempfile.mkdtemp(prefix="wsbroadcast-metrics-"))
             self.env[MULTIPROC_ENV] = str(self.metrics_dir)
-        log: IO[bytes] | None = open(self.log_path, "ab") if self.log_path is not None else None  # noqa: SIM115
+        log: IO[bytes] | None = open(self.log_path, "ab") if self.log_path is not None else None
         try:
             self.process = subprocess.Popen(
                 args, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
