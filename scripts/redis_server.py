@@ -6,6 +6,7 @@ Used by ``scripts/run`` when REDIS_URL is unset and by the test fixtures. The bi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -39,14 +40,19 @@ def redis_binary() -> str:
     return str(candidate)
 
 
-def terminate(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """SIGTERM by PID, SIGKILL if it has not exited within ``timeout``; returns the exit code."""
+def terminate(process: subprocess.Popen[bytes], timeout: float = 10.0, *, group: bool = False) -> int:
+    """SIGTERM by PID, SIGKILL if it has not exited within ``timeout``; returns the exit code.
+
+    ``group``: the process leads its own session (``start_new_session``) and the SIGKILL goes to
+    the whole group, so that no child of a hung process outlives it.
+    """
     if process.poll() is None:
         os.kill(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                (os.killpg if group else os.kill)(process.pid, signal.SIGKILL)
             process.wait(timeout)
     return int(process.returncode)
 

@@ -9,11 +9,9 @@ stopped by PID within a bounded wait, then killed with its whole process group.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +25,7 @@ import orjson
 import psutil
 import redis
 
+from scripts.redis_server import terminate
 from service.keys import Keys
 from workers.metrics_dir import MULTIPROC_ENV
 
@@ -87,7 +86,8 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 class ServiceProcess:
-    """The web line started with ``env``; ``WEB_CONCURRENCY``, ``REDIS_URL``, ``REDIS_PREFIX`` come from it.
+    """The web line of ``root``'s Procfile run in ``cwd`` with ``env`` (``WEB_CONCURRENCY``, ``REDIS_URL``,
+    ``REDIS_PREFIX`` are read from it).
 
     ``own_metrics_dir``: make the prometheus multiprocess directory here (when ``env`` names none)
     and remove it in ``stop``, so that it goes even when gunicorn never reaches its exit hook (a
@@ -95,7 +95,8 @@ class ServiceProcess:
     """
 
     def __init__(
-        self, env: Mapping[str, str], *, log_path: Path | None = None, cwd: Path = ROOT, own_metrics_dir: bool = True
+        self, env: Mapping[str, str], *, log_path: Path | None = None, cwd: Path = ROOT, root: Path = ROOT,
+        own_metrics_dir: bool = True,
     ) -> None:
         self.env = dict(env)
         self.workers = int(self.env.get("WEB_CONCURRENCY", "2"))
@@ -103,6 +104,7 @@ class ServiceProcess:
         self.keys = Keys(self.env.get("REDIS_PREFIX", "broadcast:"))
         self.log_path = log_path
         self.cwd = cwd
+        self.root = root
         self.own_metrics_dir = own_metrics_dir
         self.metrics_dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -115,7 +117,7 @@ class ServiceProcess:
         return self.process.pid if self.process is not None else None
 
     def start(self) -> ServiceProcess:
-        args = procfile_web(self.cwd)
+        args = procfile_web(self.root)
         if self.own_metrics_dir and not self.env.get(MULTIPROC_ENV):
             self.metrics_dir = Path(tempfile.mkdtemp(prefix="wsbroadcast-metrics-"))
             self.env[MULTIPROC_ENV] = str(self.metrics_dir)
@@ -198,7 +200,7 @@ class ServiceProcess:
         code: int | None = None
         try:
             if process is not None:
-                code = _terminate_group(process, timeout)
+                code = terminate(process, timeout, group=True)
         finally:
             if self._redis is not None:
                 self._redis.close()
@@ -218,15 +220,3 @@ class ServiceProcess:
             return f"; log {self.log_path}:\n{self.log_path.read_text(errors='replace')[-chars:]}"
         except OSError:
             return ""
-
-
-def _terminate_group(process: subprocess.Popen[bytes], timeout: float) -> int:
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            return int(process.wait(timeout))
-        except subprocess.TimeoutExpired:
-            # A hung master: the whole group goes, so that no worker outlives it.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-    return int(process.wait(10))

@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import psutil
 
-from scripts.redis_server import free_port
+from scripts.redis_server import PrivateRedis, free_port
+from scripts.service_process import ServiceProcess, web_env
 from tests.support import ROOT, wait_until
 
 
@@ -94,3 +96,16 @@ def test_banner_once_serving_and_a_hung_master_still_stops_redis(tmp_path: Path)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
         run.wait(10)
+
+
+def test_the_web_line_runs_from_any_directory(tmp_path: Path, redis_server: PrivateRedis) -> None:
+    """As an installed package runs it: the gunicorn config is found as a module, not a relative path."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = web_env(port=free_port(), workers=1, redis_url=redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    log_path = tmp_path / "web.log"
+    service = ServiceProcess(env, log_path=log_path, cwd=elsewhere).start()
+    try:
+        service.wait_ready(60)
+    finally:
+        assert service.stop(15) == 0, log_path.read_text()
