@@ -26,6 +26,7 @@ import psutil
 import redis
 
 from scripts.redis_server import terminate
+from service.config import Settings
 from service.keys import Keys
 from workers.metrics_dir import MULTIPROC_ENV
 
@@ -99,9 +100,10 @@ class ServiceProcess:
         own_metrics_dir: bool = True,
     ) -> None:
         self.env = dict(env)
-        self.workers = int(self.env.get("WEB_CONCURRENCY", "2"))
-        self.redis_url = self.env.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-        self.keys = Keys(self.env.get("REDIS_PREFIX", "broadcast:"))
+        unset = Settings()  # the defaults the service itself applies to what env leaves unset
+        self.workers = int(self.env.get("WEB_CONCURRENCY") or unset.web_concurrency)
+        self.redis_url = self.env.get("REDIS_URL") or unset.redis_url
+        self.keys = Keys(self.env.get("REDIS_PREFIX") or unset.redis_prefix)
         self.log_path = log_path
         self.cwd = cwd
         self.root = root
