@@ -22,6 +22,7 @@ import signal
 import time
 from array import array
 from collections import Counter
+from dataclasses import dataclass
 from multiprocessing.connection import Connection as Pipe
 from typing import Any, cast
 
@@ -30,6 +31,64 @@ import orjson
 # Latency histogram: 0.1 ms buckets up to 10 s (the last bucket holds everything slower).
 BUCKET = 1e-4
 BUCKETS = 100_000
+
+
+# What a client process answers (pickled over its pipe).
+
+
+@dataclass
+class ConnectReply:
+    ok: int
+    failed: dict[str, int]
+
+
+@dataclass
+class Progress:
+    frames: int
+    open: int
+    cpu: float  # share of a core since the previous progress
+    lag: float  # the event loop's worst lag since the previous progress, s
+
+
+@dataclass
+class WarmState:
+    open: int
+    warm: int
+
+
+@dataclass
+class Marked:
+    fast: int
+    stalled: int
+
+
+@dataclass
+class ClientStats:
+    """Since the last mark: the fast connections' frames of sequence numbers [lo, hi)."""
+
+    delivered: int
+    frames: int
+    dups: int
+    reordered: int
+    unknown: int
+    hist: dict[int, int]  # latency bucket -> frames
+    max_latency: float
+    cpu: float
+    lag: float
+    open_fast: int
+    counts: list[int] | None = None  # per sequence number: how many fast connections got it
+    first: list[float] | None = None  # per sequence number: when the first one did
+
+
+@dataclass
+class Outcomes:
+    outcomes: dict[str, int]
+    received: int
+
+
+@dataclass
+class _Failed:
+    error: str
 
 
 def raise_fd_limit() -> int:
@@ -254,12 +313,12 @@ class _ClientProc:
         try:
             result: Any = await getattr(self, "cmd_" + cmd.replace("-", "_"))(**kwargs)
         except Exception as exc:  # reported to the orchestrator, which raises it there
-            result = {"error": f"{cmd}: {exc!r}"}
+            result = _Failed(f"{cmd}: {exc!r}")
         self.pipe.send((ident, result))
 
     async def cmd_connect(
         self, host: str, port: int, path: str, n: int, rate: float, stall: int, ack: bool, timeout: float
-    ) -> dict[str, Any]:
+    ) -> ConnectReply:
         loop = asyncio.get_running_loop()
         failures: Counter[str] = Counter()
         start = time.monotonic()
@@ -291,20 +350,20 @@ class _ClientProc:
                         ws.transport.abort()
 
         await asyncio.gather(*(one(i) for i in range(n)))
-        return {"ok": n - sum(failures.values()), "failed": dict(failures)}
+        return ConnectReply(n - sum(failures.values()), dict(failures))
 
-    async def cmd_progress(self) -> dict[str, Any]:
+    async def cmd_progress(self) -> Progress:
         now, cpu = time.monotonic(), time.process_time()
         share = (cpu - self.progress_cpu) / max(1e-6, now - self.progress_wall)
         lag, self.progress_lag = self.progress_lag, 0.0
         self.progress_cpu, self.progress_wall = cpu, now
-        return {"frames": self.frames, "open": self.open, "cpu": share, "lag": lag}
+        return Progress(self.frames, self.open, share, lag)
 
-    async def cmd_warm(self) -> dict[str, int]:
+    async def cmd_warm(self) -> WarmState:
         live = [ws for ws in self.conns if ws.open]
-        return {"open": len(live), "warm": sum(ws.warm for ws in live)}
+        return WarmState(len(live), sum(ws.warm for ws in live))
 
-    async def cmd_mark(self, track_first: bool = False) -> dict[str, int]:
+    async def cmd_mark(self, track_first: bool = False) -> Marked:
         self.frames = self.dups = self.reordered = self.unknown = 0
         self.hist = [0] * BUCKETS
         self.max_latency = 0.0
@@ -314,32 +373,31 @@ class _ClientProc:
             self.first = array("d")
         self.mark_cpu, self.mark_wall = time.process_time(), time.monotonic()
         live = [ws for ws in self.conns if ws.open]
-        return {"fast": sum(not ws.stall for ws in live), "stalled": sum(ws.stall for ws in live)}
+        return Marked(sum(not ws.stall for ws in live), sum(ws.stall for ws in live))
 
-    async def cmd_stats(self, lo: int, hi: int, per_seq: bool = False) -> dict[str, Any]:
+    async def cmd_stats(self, lo: int, hi: int, per_seq: bool = False) -> ClientStats:
         cpu = (time.process_time() - self.mark_cpu) / max(1e-6, time.monotonic() - self.mark_wall)
         fast = [ws for ws in self.conns if not ws.stall]
-        delivered = sum(ws.seen[lo:hi].count(1) for ws in fast)
-        out: dict[str, Any] = {
-            "delivered": delivered,
-            "frames": self.frames,
-            "dups": self.dups,
-            "reordered": self.reordered,
-            "unknown": self.unknown,
-            "hist": {i: c for i, c in enumerate(self.hist) if c},
-            "max_latency": self.max_latency,
-            "cpu": cpu,
-            "lag": self.lag_max,
-            "open_fast": sum(ws.open for ws in fast),
-        }
+        out = ClientStats(
+            delivered=sum(ws.seen[lo:hi].count(1) for ws in fast),
+            frames=self.frames,
+            dups=self.dups,
+            reordered=self.reordered,
+            unknown=self.unknown,
+            hist={i: c for i, c in enumerate(self.hist) if c},
+            max_latency=self.max_latency,
+            cpu=cpu,
+            lag=self.lag_max,
+            open_fast=sum(ws.open for ws in fast),
+        )
         if per_seq:
             counts = [0] * (hi - lo)
             for ws in fast:
                 part = ws.seen[lo:hi]
                 for i, hit in enumerate(part):
                     counts[i] += hit
-            out["counts"] = counts
-            out["first"] = [self.first[i] if i < len(self.first) else 0.0 for i in range(lo, hi)]
+            out.counts = counts
+            out.first = [self.first[i] if i < len(self.first) else 0.0 for i in range(lo, hi)]
         return out
 
     async def cmd_stall(self, on: bool) -> int:
@@ -352,17 +410,14 @@ class _ClientProc:
                 ws.transport.resume_reading()
         return len(stalled)
 
-    async def cmd_outcomes(self, wait: float) -> dict[str, Any]:
+    async def cmd_outcomes(self, wait: float) -> Outcomes:
         stalled = [ws for ws in self.conns if ws.stall]
         pending = [ws.lost for ws in stalled if not ws.lost.done()]
         if pending:
             await asyncio.wait(pending, timeout=wait)
-        return {
-            "outcomes": dict(Counter(ws.outcome for ws in stalled)),
-            "received": sum(ws.received for ws in stalled),
-        }
+        return Outcomes(dict(Counter(ws.outcome for ws in stalled)), sum(ws.received for ws in stalled))
 
-    async def cmd_close(self, timeout: float) -> dict[str, Any]:
+    async def cmd_close(self, timeout: float) -> int:
         for ws in self.conns:
             if ws.open:
                 ws.send(8, (1000).to_bytes(2, "big"))
@@ -375,7 +430,7 @@ class _ClientProc:
                 ws.transport.abort()
                 aborted += 1
         self.conns = []
-        return {"aborted": aborted}
+        return aborted
 
     async def cmd_quit(self) -> None:
         if self.done is not None and not self.done.done():
@@ -437,15 +492,38 @@ class Clients:
         self._waiting[self._next] = fut
         self.pipes[index].send((self._next, cmd, kwargs))
         result = await fut
-        if isinstance(result, dict) and "error" in result:
-            raise RuntimeError(f"client process {index}: {result['error']}")
+        if isinstance(result, _Failed):
+            raise RuntimeError(f"client process {index}: {result.error}")
         return result
 
-    async def all(self, cmd: str, **kwargs: Any) -> list[Any]:
+    async def _all(self, cmd: str, **kwargs: Any) -> list[Any]:
         return list(await asyncio.gather(*(self._call(i, cmd, kwargs) for i in range(len(self.pipes)))))
 
-    async def each(self, cmd: str, per_client: list[dict[str, Any]]) -> list[Any]:
-        return list(await asyncio.gather(*(self._call(i, cmd, kw) for i, kw in enumerate(per_client))))
+    async def connect(self, per_client: list[dict[str, Any]]) -> list[ConnectReply]:
+        """``per_client``: each process's cmd_connect arguments."""
+        return list(await asyncio.gather(*(self._call(i, "connect", kw) for i, kw in enumerate(per_client))))
+
+    async def progress(self) -> list[Progress]:
+        return await self._all("progress")
+
+    async def warm(self) -> list[WarmState]:
+        return await self._all("warm")
+
+    async def mark(self, track_first: bool = False) -> list[Marked]:
+        return await self._all("mark", track_first=track_first)
+
+    async def stats(self, lo: int, hi: int, per_seq: bool = False) -> list[ClientStats]:
+        return await self._all("stats", lo=lo, hi=hi, per_seq=per_seq)
+
+    async def stall(self, on: bool) -> list[int]:
+        return await self._all("stall", on=on)
+
+    async def outcomes(self, wait: float) -> list[Outcomes]:
+        return await self._all("outcomes", wait=wait)
+
+    async def close(self, timeout: float) -> list[int]:
+        """Close every connection (1000), abort those still open after ``timeout``; how many were aborted."""
+        return await self._all("close", timeout=timeout)
 
     def stop(self) -> None:
         loop = asyncio.get_running_loop()

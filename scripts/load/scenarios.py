@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 
 from scripts.load.publisher import Publisher
-from scripts.load.rawclient import BUCKET, Clients, split
+from scripts.load.rawclient import BUCKET, Clients, Progress, split
 from scripts.load.report import idle_table, number, percent
 from scripts.load.results import (
     Connected,
@@ -112,7 +112,7 @@ class Run:
         stalls = split(stall, len(self.clients.pipes))
         rate = self.args.connect_rate / len(parts)
         t = self.target
-        task = asyncio.ensure_future(self.clients.each("connect", [
+        task = asyncio.ensure_future(self.clients.connect([
             {"host": t.host, "port": t.port, "path": t.path, "n": k, "rate": rate, "stall": s,
              "ack": t.acks_subscriptions,
              "timeout": 15.0}
@@ -122,13 +122,13 @@ class Run:
         while not task.done():
             await asyncio.wait([task], timeout=1.0)
             if not task.done():
-                opened = sum(p["open"] for p in await self.clients.all("progress"))
+                opened = sum(p.open for p in await self.clients.progress())
                 log(f"{self.tag} connecting: {opened}/{n} open after {time.monotonic() - started:.0f} s")
         results = task.result()
         failed: Counter[str] = Counter()
         for r in results:
-            failed.update(r["failed"])
-        ok = sum(r["ok"] for r in results)
+            failed.update(r.failed)
+        ok = sum(r.ok for r in results)
         log(f"{self.tag} connected {ok}/{n} in {time.monotonic() - started:.1f} s"
              + (f"; failed: {dict(failed)}" if failed else ""))
         return Connected(ok, dict(failed), round(time.monotonic() - started, 2))
@@ -141,17 +141,17 @@ class Run:
             while time.monotonic() < deadline:
                 await publisher.warm()
                 await asyncio.sleep(0.1)
-                states = await self.clients.all("warm")
-                if all(s["warm"] == s["open"] for s in states):
+                states = await self.clients.warm()
+                if all(s.warm == s.open for s in states):
                     return
             raise RuntimeError(f"{self.tag} not every connection received the warm-up frames within 20 s")
         finally:
             await publisher.close()
 
     async def close_all(self) -> None:
-        await self.clients.all("close", timeout=20.0)
+        await self.clients.close(timeout=20.0)
 
-    async def _progress(self, label: str, stop: asyncio.Event, samples: list[dict[str, Any]]) -> None:
+    async def _progress(self, label: str, stop: asyncio.Event, samples: list[Progress]) -> None:
         """A line a second; ``samples`` gets each client's CPU share and loop lag of every full second."""
         started = time.monotonic()
         last_frames, last = 0, started
@@ -159,15 +159,15 @@ class Run:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
             full = not stop.is_set()
-            states = await self.clients.all("progress")
+            states = await self.clients.progress()
             if full:
                 samples.extend(states)
             now = time.monotonic()
-            frames = sum(s["frames"] for s in states)
+            frames = sum(s.frames for s in states)
             rate = (frames - last_frames) / max(1e-6, now - last)
             last_frames, last = frames, now
-            cpu = " ".join(f"{s['cpu'] * 100:.0f}%" for s in states)
-            lag = max(s["lag"] for s in states) * 1000
+            cpu = " ".join(f"{s.cpu * 100:.0f}%" for s in states)
+            lag = max(s.lag for s in states) * 1000
             log(f"{self.tag} {label} {now - started:5.1f} s  deliveries {rate / 1000:7.1f}k/s  "
                  f"client cpu {cpu}  loop lag {lag:.0f} ms  machine {psutil.cpu_percent():.0f}%  "
                  f"load {os.getloadavg()[0]:.2f}")
@@ -177,7 +177,7 @@ class Run:
         deadline = time.monotonic() + limit
         last, since = -1, time.monotonic()
         while time.monotonic() < deadline:
-            frames = sum(s["frames"] for s in await self.clients.all("progress"))
+            frames = sum(s.frames for s in await self.clients.progress())
             if frames >= expected:
                 return
             if frames != last:
@@ -191,12 +191,12 @@ class Run:
         during: Callable[[], Coroutine[Any, Any, None]] | None = None, per_seq: bool = False,
     ) -> StepResult:
         """Publish ``rate`` x ``seconds`` frames, then collect what every client counted."""
-        marks = await self.clients.all("mark", track_first=per_seq)
-        fast = sum(m["fast"] for m in marks)
+        marks = await self.clients.mark(track_first=per_seq)
+        fast = sum(m.fast for m in marks)
         count = max(1, round(rate * seconds))
         publisher = Publisher(self.target, self.seq)
         stop = asyncio.Event()
-        samples: list[dict[str, Any]] = []
+        samples: list[Progress] = []
         progress = asyncio.create_task(self._progress(label, stop, samples))
         fanout0 = await asyncio.to_thread(self.target.fanout_metric)
         cpu0, pids0 = self.target.cpu()
@@ -222,13 +222,13 @@ class Run:
         machine = round(busy / (wall * (os.cpu_count() or 1)) * 100, 1)
         for profiler in profilers:
             profiler.wait(30)
-        stats = await self.clients.all("stats", lo=published.lo, hi=published.hi, per_seq=per_seq)
+        stats = await self.clients.stats(published.lo, published.hi, per_seq=per_seq)
         fanout1 = await asyncio.to_thread(self.target.fanout_metric)
         hist: Counter[int] = Counter()
         for s in stats:
-            hist.update({int(k): v for k, v in s["hist"].items()})
+            hist.update(s.hist)
         measured = sum(hist.values())
-        delivered = sum(s["delivered"] for s in stats)
+        delivered = sum(s.delivered for s in stats)
         expected = ok_seqs * fast
         n_published = published.hi - published.lo
         publish_rate = round(n_published / max(1e-6, published.duration), 1)
@@ -237,8 +237,8 @@ class Run:
         other = round(max(0.0, busy - irq - (own1 - own0)) / wall, 2)
         # Per-second samples while publishing: a client busy for a second is saturated even when the
         # whole step's average (drain included) looks fine.
-        peak_cpu = max((s["cpu"] for s in samples), default=max(s["cpu"] for s in stats))
-        peak_lag = max([s["lag"] for s in samples] + [s["lag"] for s in stats])
+        peak_cpu = max((s.cpu for s in samples), default=max(s.cpu for s in stats))
+        peak_lag = max([s.lag for s in samples] + [s.lag for s in stats])
         saturated = []
         if peak_cpu > CLIENT_CPU_LIMIT:
             saturated.append(f"a client process used {peak_cpu * 100:.0f}% of a core")
@@ -262,19 +262,19 @@ class Run:
             expected=expected,
             delivered=delivered,
             delivered_fraction=round(delivered / expected, 6) if expected else None,
-            duplicates=sum(s["dups"] for s in stats),
-            reordered=sum(s["reordered"] for s in stats),
+            duplicates=sum(s.dups for s in stats),
+            reordered=sum(s.reordered for s in stats),
             deliveries_per_s=round(delivered / max(1e-6, published.duration), 1),
             latency_ms=Latency(
                 p50=round(_percentile(hist, measured, 0.50), 2),
                 p99=round(_percentile(hist, measured, 0.99), 2),
-                max=round(max(s["max_latency"] for s in stats) * 1000, 2),
+                max=round(max(s.max_latency for s in stats) * 1000, 2),
             ),
             server_workers_measured=len(pids1),
             server_cpu_s=cpu,
             server_cpu_us_per_delivery=round(cpu / delivered * 1e6, 2) if cpu is not None and delivered else None,
             server_workers_changed=pids0 != pids1,
-            client_cpu=[round(s["cpu"], 3) for s in stats],
+            client_cpu=[round(s.cpu, 3) for s in stats],
             client_loop_lag_ms=round(peak_lag * 1000, 1),
             publisher_behind_ms=round(published.max_behind * 1000, 1),
             machine_cpu_percent=machine,
@@ -295,8 +295,8 @@ class Run:
         if fanout0 is not None and fanout1 is not None and fanout1[1] > fanout0[1]:
             result.server_fanout_ms_mean = round((fanout1[0] - fanout0[0]) / (fanout1[1] - fanout0[1]) * 1000, 2)
         if per_seq:
-            counts = [sum(c) for c in zip(*(s["counts"] for s in stats), strict=True)]
-            firsts = [min((f for f in fs if f > 0), default=0.0) for fs in zip(*(s["first"] for s in stats),
+            counts = [sum(c) for c in zip(*(s.counts or [] for s in stats), strict=True)]
+            firsts = [min((f for f in fs if f > 0), default=0.0) for fs in zip(*(s.first or [] for s in stats),
                                                                                   strict=True)]
             result.per_seq = PerSeq(published, counts, firsts, fast)
         lat = result.latency_ms
@@ -406,7 +406,7 @@ class Run:
                 f"send queues {row.send_queue_mb} MB")
 
         sample()
-        await self.clients.all("stall", on=True)
+        await self.clients.stall(on=True)
 
         async def sampler() -> None:
             while time.monotonic() - started < self.args.slow_duration:
@@ -417,12 +417,12 @@ class Run:
                                during=sampler)
         sample()
         server_counters = await asyncio.to_thread(self.target.counters)
-        await self.clients.all("stall", on=False)
+        await self.clients.stall(on=False)
         outcomes: Counter[str] = Counter()
         received = 0
-        for o in await self.clients.all("outcomes", wait=10.0):
-            outcomes.update(o["outcomes"])
-            received += o["received"]
+        for o in await self.clients.outcomes(wait=10.0):
+            outcomes.update(o.outcomes)
+            received += o.received
         peak = max(s.rss_mb for s in samples)
         await self.close_all()
         result = SlowResult(
@@ -448,7 +448,7 @@ class Run:
         n, rate = self.args.restart_subscribers, self.args.restart_rate
         conn = await self.connect(n)
         await self.warm()
-        before = sum(s["open"] for s in await self.clients.all("progress"))
+        before = sum(s.open for s in await self.clients.progress())
         times: dict[str, float] = {}
 
         async def outage() -> None:
@@ -464,7 +464,7 @@ class Run:
         assert step.per_seq is not None
         published, counts, firsts, fast = step.per_seq.published, step.per_seq.counts, step.per_seq.firsts, \
             step.per_seq.fast
-        after = sum(s["open"] for s in await self.clients.all("progress"))
+        after = sum(s.open for s in await self.clients.progress())
         back = times["back"]
         seqs = range(published.lo, published.hi)
         after_back = [i for i, seq in enumerate(seqs) if published.sent_at[seq] >= back]
