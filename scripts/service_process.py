@@ -86,6 +86,23 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def read_heartbeats(client: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
+    """Every worker's heartbeat document under ``keys``' prefix; anything else stored there is skipped."""
+    names = list(client.scan_iter(match=keys.worker_pattern(), count=500))
+    docs: list[dict[str, Any]] = []
+    for raw in client.mget(names) if names else []:
+        try:
+            doc = orjson.loads(raw) if raw is not None else None
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(doc, dict):
+            continue
+        worker = doc.get("worker")
+        if isinstance(worker, dict) and isinstance(worker.get("pid"), int) and isinstance(worker.get("host"), str):
+            docs.append(doc)
+    return docs
+
+
 class ServiceProcess:
     """The web line of ``root``'s Procfile run in ``cwd`` with ``env`` (``WEB_CONCURRENCY``, ``REDIS_URL``,
     ``REDIS_PREFIX`` are read from it).
@@ -154,10 +171,8 @@ class ServiceProcess:
         """The heartbeat documents of this instance's live workers."""
         if self._redis is None:
             self._redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=5)
-        keys = list(self._redis.scan_iter(match=self.keys.worker_pattern(), count=500))
-        docs = [orjson.loads(raw) for raw in self._redis.mget(keys) if raw is not None] if keys else []
         pids = self.worker_pids()
-        return [doc for doc in docs if doc.get("worker", {}).get("pid") in pids]
+        return [doc for doc in read_heartbeats(self._redis, self.keys) if doc["worker"]["pid"] in pids]
 
     def ready(self) -> bool:
         """Every worker has a heartbeat and is connected to Redis; raises if the service has exited."""

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import psutil
 import redis
 
 from scripts.redis_server import free_port, terminate
-from scripts.service_process import ROOT, ServiceProcess, web_env
+from scripts.service_process import ROOT, ServiceProcess, read_heartbeats, web_env
 from service.keys import Keys
 
 CHANNEL = "bench"
@@ -71,8 +70,7 @@ class Target:
             return []
         client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=5)
         try:
-            keys = list(client.scan_iter(match=Keys(self.heartbeat_prefix).worker_pattern(), count=500))
-            return [orjson.loads(raw) for raw in client.mget(keys) if raw is not None] if keys else []
+            return read_heartbeats(client, Keys(self.heartbeat_prefix))
         except redis.RedisError:
             return []
         finally:
