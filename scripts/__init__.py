@@ -1,1 +1,1 @@
-"""Entry points: run, test helpers, publish, health (the coordinator), loadtest, mint-token."""
+"""Entry points: run, test helpers, publish, health (the coordinator), the load test (load/), mint-token."""

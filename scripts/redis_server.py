@@ -6,6 +6,7 @@ Used by ``scripts/run`` when REDIS_URL is unset and by the test fixtures. The bi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -39,14 +40,19 @@ def redis_binary() -> str:
     return str(candidate)
 
 
-def terminate(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """SIGTERM by PID, SIGKILL if it has not exited within ``timeout``; returns the exit code."""
+def terminate(process: subprocess.Popen[bytes], timeout: float = 10.0, *, group: bool = False) -> int:
+    """SIGTERM by PID, SIGKILL if it has not exited within ``timeout``; returns the exit code.
+
+    ``group``: the process leads its own session (``start_new_session``) and the SIGKILL goes to
+    the whole group, so that no child of a hung process outlives it.
+    """
     if process.poll() is None:
         os.kill(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                (os.killpg if group else os.kill)(process.pid, signal.SIGKILL)
             process.wait(timeout)
     return int(process.returncode)
 
@@ -61,11 +67,15 @@ def _answers(port: int) -> bool:
 
 
 class PrivateRedis:
-    """One redis-server process on 127.0.0.1:<port>; ``stop``/``start`` keep the port (fault tests)."""
+    """One redis-server process on 127.0.0.1:<port>; ``stop``/``start`` keep the port (fault tests).
+
+    Its working directory (nothing is persisted there, only its log) lives as long as the process:
+    made by ``start``, removed by ``stop`` and by a ``start`` that fails.
+    """
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.dir = tempfile.mkdtemp(prefix="wsbroadcast-redis-")
+        self.dir: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,27 +83,41 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
+        self.dir = tempfile.mkdtemp(prefix="wsbroadcast-redis-")
+        try:
+            self._start(self.dir, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, workdir: str, timeout: float) -> None:
         args = [
             redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning",
+            "--appendonly", "no", "--dir", workdir, "--protected-mode", "yes", "--loglevel", "warning",
         ]
-        log = open(os.path.join(self.dir, "redis.log"), "ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        log_path = os.path.join(workdir, "redis.log")
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}; see {self.dir}/redis.log")
+                raise RuntimeError(
+                    f"redis-server exited with {self.process.returncode}: {_tail(log_path) or 'no output'}"
+                )
             if _answers(self.port):
                 return
             time.sleep(0.02)
-        self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout:.0f} s")
 
     def stop(self, timeout: float = 10.0) -> None:
         process, self.process = self.process, None
-        if process is not None:
-            terminate(process, timeout)
+        workdir, self.dir = self.dir, None
+        try:
+            if process is not None:
+                terminate(process, timeout)
+        finally:
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
 
     def __enter__(self) -> PrivateRedis:
         self.start()
@@ -101,4 +125,11 @@ class PrivateRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _tail(path: str, chars: int = 500) -> str:
+    try:
+        with open(path, "rb") as file:
+            return file.read()[-chars:].decode(errors="replace").strip()
+    except OSError:
+        return ""

@@ -15,11 +15,10 @@ from typing import Any
 
 import httpx
 import orjson
-import redis
 from websockets.asyncio.client import ClientConnection, connect
 
-from scripts.redis_server import free_port, terminate
-from scripts.run import procfile_web
+from scripts.redis_server import free_port
+from scripts.service_process import ServiceError, ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin"  # every test service's ADMIN_TOKEN; Service.get sends it for the health paths
@@ -74,53 +73,41 @@ class Service:
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
         }
         self.env.update({k.upper(): str(v) for k, v in settings.items()})
-        self.process: subprocess.Popen[bytes] | None = None
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_base = f"ws://127.0.0.1:{self.port}"
+        self._service: ServiceProcess | None = None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._service.process if self._service is not None else None
 
     def start(self, wait: bool = True) -> Service:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            procfile_web(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        log.close()
+        # gunicorn makes and removes its own metrics directory, as deployed: the session's
+        # leftover check catches it if it ever stays behind.
+        self._service = ServiceProcess(self.env, log_path=self.log_path, cwd=ROOT, own_metrics_dir=False).start()
         if wait:
             self.wait_ready()
         return self
 
     def heartbeats(self) -> list[dict[str, Any]]:
-        client = redis.Redis.from_url(self.redis_url)
-        try:
-            keys = list(client.scan_iter(match=f"{self.prefix}worker:*", count=500))
-            docs = [orjson.loads(raw) for raw in client.mget(keys) if raw is not None] if keys else []
-        finally:
-            client.close()
-        return [d for d in docs if d["worker"]["pid"] in self.worker_pids()]
+        return self._service.heartbeats() if self._service is not None else []
 
     def worker_pids(self) -> set[int]:
-        if self.process is None:
-            return set()
-        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
-        return {int(p) for p in out.split()}
+        return self._service.worker_pids() if self._service is not None else set()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        def ready() -> bool:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"service exited with {self.process.returncode}:\n{self.log()}")
-            beats = self.heartbeats()
-            return len(beats) == self.workers and all(b["redis"]["connected"] for b in beats)
-
-        wait_until(ready, timeout, interval=0.1, what=f"{self.workers} workers connected to Redis")
+        assert self._service is not None, "start() first"
+        try:
+            self._service.wait_ready(timeout)
+        except ServiceError as exc:
+            raise AssertionError(f"{self.workers} workers connected to Redis: {exc}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        process, self.process = self.process, None
-        if process is None:
-            return None
-        return terminate(process, timeout)
+        service, self._service = self._service, None
+        return service.stop(timeout) if service is not None else None
 
     def get(self, path: str, admin: bool = True) -> httpx.Response:
         """GET ``path``; the health paths with the admin token (their full documents) unless ``admin`` is False."""

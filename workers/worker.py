@@ -58,6 +58,9 @@ class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker sh
         server = Server(config=self.config)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGQUIT, None)
-        await server.serve(sockets=self.sockets)
+        # uvloop closes a listener's file descriptor in server.close() and then calls close() on the
+        # object it was given: gunicorn's socket wrapper would close it a second time (EBADF, logged
+        # per worker at every shutdown). Given the plain socket, uvloop detaches it instead.
+        await server.serve(sockets=[listener.sock for listener in self.sockets])
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)

@@ -1,0 +1,217 @@
+"""Load test: ``scripts/loadtest [SCENARIO ...]`` (installed: ``wsbroadcast-loadtest``).
+
+Scenarios: ``idle`` (RSS per idle connection, memory given back after close), ``fanout``
+(deliveries/s, loss, latency and server CPU per delivery at each publish rate), ``slow`` (10% of
+the clients stop reading while 2 KB frames flow), ``redis-restart`` (Redis down for 1 s mid-stream).
+
+By default it starts what it measures, which needs a clone of the repository: a private Redis and
+the service from the Procfile's web line (or, ``--target broadcaster``, the encode/broadcaster
+baseline ``benchmarks/broadcaster_app.py`` from its own environment ``.venv-baseline``, created on
+first use), 2 workers on a free loopback port. ``--url`` drives a running service instead, from
+anywhere: it publishes through ``--redis-url`` and finds the workers from their heartbeats there
+(their CPU and memory are measured when they run on this host).
+
+Clients are several processes (``--clients``), each one uvloop event loop holding raw WebSocket
+connections. A step whose publisher fell behind its schedule never counts as a pass; a saturated
+client is reported (see ``scripts/load/scenarios.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from scripts.load import report
+from scripts.load.rawclient import Clients, raise_fd_limit
+from scripts.load.results import TargetResult, to_json
+from scripts.load.scenarios import Run, log
+from scripts.load.targets import Target, attach, ensure_baseline_venv, start_broadcaster, start_wsbroadcast
+from scripts.redis_server import PrivateRedis
+from scripts.service_process import ROOT, ServiceError, procfile_web
+
+SCENARIOS = ("idle", "fanout", "slow", "redis-restart")
+INSTALLED = "wsbroadcast-loadtest"
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help; options whose help says what unset means show none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, [], argparse.SUPPRESS) or action.nargs == "*":
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _prog() -> str:
+    return INSTALLED if Path(sys.argv[0]).name == INSTALLED else "scripts/loadtest"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=_prog(), description=__doc__, formatter_class=_Help)
+    add = parser.add_argument
+    add("scenarios", nargs="*", metavar="SCENARIO", help=f"any of {', '.join(SCENARIOS)} (none: all)")
+    add("--target", choices=("wsbroadcast", "broadcaster", "both"), default="wsbroadcast",
+        help="what to start and measure")
+    add("--url", help="drive a running service (ws://127.0.0.1:8000) instead of starting one")
+    add("--redis-url", help="with --url: the Redis it uses (unset: $REDIS_URL)")
+    add("--redis-prefix", default=os.environ.get("REDIS_PREFIX", "broadcast:"),
+        help="with --url: its REDIS_PREFIX")
+    add("--server-pid", type=int, help="with --url: the gunicorn master (unset: the workers come from heartbeats)")
+    add("--workers", type=int, default=2, help="workers of the service it starts")
+    add("--env", action="append", default=[], metavar="KEY=VALUE",
+        help="a setting for the service it starts (repeatable), e.g. SEND_BUFFER_BYTES=65536")
+    add("--clients", type=int, default=max(2, os.cpu_count() or 2), help="client processes")
+    add("--connections", type=int, default=5000, help="idle: connections")
+    add("--connect-rate", type=float, default=1000.0, help="connections opened per second")
+    add("--settle", type=float, default=3.0, help="idle: seconds before each RSS reading")
+    add("--subscribers", type=int, default=2000, help="fanout, slow: subscribers")
+    add("--rates", default="20,50,100,200", help="fanout: msg/s steps")
+    add("--duration", type=float, default=10.0, help="fanout: seconds per step")
+    add("--payload", type=int, default=200, help="bytes of data per frame")
+    add("--slow-fraction", type=float, default=0.10, help="slow: share of the subscribers that stop reading")
+    add("--slow-rate", type=float, default=20.0, help="slow: msg/s")
+    add("--slow-payload", type=int, default=2048, help="slow: bytes of data per frame")
+    add("--slow-duration", type=float, default=60.0, help="slow: seconds")
+    add("--sample-every", type=float, default=5.0, help="slow: seconds between samples")
+    add("--restart-subscribers", type=int, default=200, help="redis-restart: subscribers")
+    add("--restart-rate", type=float, default=100.0, help="redis-restart: msg/s")
+    add("--outage", type=float, default=1.0, help="redis-restart: seconds Redis stays down")
+    add("--profile", metavar="DIR",
+        help="py-spy every worker during each step into DIR (inflates server CPU: not for figures)")
+    add("--json", metavar="PATH", help="write every figure as JSON ('-' for stdout)")
+    args = parser.parse_args(argv)
+    try:
+        args.rates = [float(r) for r in args.rates.split(",") if r]
+    except ValueError:
+        parser.error(f"--rates {args.rates!r}: expected numbers separated by commas, e.g. 20,50")
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario {sorted(unknown)[0]!r}; expected any of {', '.join(SCENARIOS)}")
+    args.scenarios = [s for s in SCENARIOS if s in args.scenarios] if args.scenarios else list(SCENARIOS)
+    if args.url and args.target != "wsbroadcast":
+        parser.error("--url drives one running service; --target applies only to services this tool starts")
+    if args.url and not (args.redis_url or os.environ.get("REDIS_URL")):
+        parser.error("--url needs --redis-url (or REDIS_URL) to publish through")
+    bad = [item for item in args.env if "=" not in item]
+    if bad:
+        parser.error(f"--env {bad[0]!r}: expected KEY=VALUE")
+    return args
+
+
+def _describe_workers(target: Target, attached: bool) -> None:
+    workers = sorted(p.pid for p in target.workers())
+    if workers or not attached:
+        log(f"[{target.name}] server on {target.host}:{target.port}, workers {workers}"
+            + (f", log {target.log_path}" if target.log_path else ""))
+        return
+    beats = target.heartbeats()
+    if beats:
+        hosts = sorted({beat["worker"]["host"] for beat in beats})
+        log(f"[{target.name}] {len(beats)} workers have heartbeats, on {', '.join(hosts)}, not on this host "
+            f"({socket.gethostname()}): server CPU and RSS are not measured (n/a)")
+    else:
+        log(f"[{target.name}] no worker heartbeats under {target.heartbeat_prefix!r}worker:* in {target.redis_url}: "
+            "server CPU and RSS are not measured (n/a); pass the service's --redis-prefix, or --server-pid")
+
+
+async def _measure(args: argparse.Namespace) -> dict[str, TargetResult]:
+    clients = Clients(args.clients)
+    redis: PrivateRedis | None = None
+    results: dict[str, TargetResult] = {}
+    try:
+        names = ["wsbroadcast", "broadcaster"] if args.target == "both" else [args.target]
+        if not args.url:
+            redis = PrivateRedis()
+            await asyncio.to_thread(redis.start)
+            if "broadcaster" in names:
+                await asyncio.to_thread(ensure_baseline_venv)
+        extra_env = dict(item.split("=", 1) for item in args.env)
+        for name in names:
+            if args.url:
+                target = attach(args.url, args.redis_url or os.environ["REDIS_URL"], args.redis_prefix,
+                                args.server_pid)
+            else:
+                assert redis is not None
+                if name == "wsbroadcast":
+                    target = await asyncio.to_thread(start_wsbroadcast, redis.url, args.workers, extra_env)
+                else:
+                    target = await asyncio.to_thread(start_broadcaster, redis.url, args.workers)
+            _describe_workers(target, attached=bool(args.url))
+            run = Run(args, clients, target, None if args.url else redis)
+            result = TargetResult(target=name, port=target.port)
+            try:
+                for scenario in args.scenarios:
+                    setattr(result, scenario.replace("-", "_"), await getattr(run, scenario.replace("-", "_"))())
+            finally:
+                results[name] = result
+                await asyncio.to_thread(target.stop)
+            # Kept only when something went wrong (the error names it).
+            if target.log_path is not None:
+                target.log_path.unlink(missing_ok=True)
+    finally:
+        clients.stop()
+        if redis is not None:
+            await asyncio.to_thread(redis.stop)
+    return results
+
+
+def _git_state() -> dict[str, Any]:
+    """The commit measured, and the files that differed from it (a figure belongs to a tree)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip(), "modified": dirty}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.url:
+        try:
+            procfile_web()
+        except ServiceError as exc:
+            print(f"{_prog()}: {exc}", file=sys.stderr)
+            return 2
+    limit = raise_fd_limit()
+    needed = max(args.connections, args.subscribers) + 100
+    if limit < needed:
+        print(f"{_prog()}: the fd limit is {limit}; {needed} are needed (raise it: ulimit -Hn)", file=sys.stderr)
+        return 2
+    started = time.time()
+    load = os.getloadavg()
+    try:
+        results = asyncio.run(_measure(args))
+    except KeyboardInterrupt:
+        return 130
+    except (ServiceError, RuntimeError) as exc:
+        print(f"{_prog()}: {exc}", file=sys.stderr)
+        return 1
+    document = {
+        "git": _git_state(),
+        "command": " ".join([_prog(), *(argv if argv is not None else sys.argv[1:])]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "load_average_at_start": [round(x, 2) for x in load],
+        "cpus": os.cpu_count(),
+        "results": to_json(results),
+    }
+    print(report.summary(results))
+    print("\n" + report.table(results))
+    if args.json:
+        text = orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0

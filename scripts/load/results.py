@@ -1,0 +1,183 @@
+"""What a run measured, one dataclass per scenario; ``to_json`` gives the report's JSON document.
+
+Field names are the JSON keys (``json_key`` where a key is not a Python name); fractions stay
+fractions in the JSON and are shown as percentages by ``report``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from scripts.load.publisher import Published
+
+
+def _key(name: str) -> dict[str, Any]:
+    return {"json_key": name}
+
+
+# Omitted from the JSON when None (the key was absent before these were dataclasses).
+_OPTIONAL: dict[str, Any] = {"omit_none": True}
+_INTERNAL: dict[str, Any] = {"internal": True}
+
+
+@dataclass
+class Connected:
+    ok: int
+    failed: dict[str, int]
+    seconds: float
+
+
+@dataclass
+class Latency:
+    p50: float
+    p99: float
+    max: float
+
+
+@dataclass
+class PerSeq:
+    """Per published frame: how many fast clients got it, and when the first did (redis-restart)."""
+
+    published: Published
+    counts: list[int]
+    firsts: list[float]
+    fast: int
+
+
+@dataclass
+class StepResult:
+    rate: float
+    seconds: float
+    payload_bytes: int
+    subscribers: int
+    published: int
+    publish_failed: int
+    published_without_receivers: int
+    publish_rate: float
+    expected: int
+    delivered: int
+    delivered_fraction: float | None
+    duplicates: int
+    reordered: int
+    deliveries_per_s: float
+    latency_ms: Latency
+    server_workers_measured: int
+    server_cpu_s: float | None
+    server_cpu_us_per_delivery: float | None
+    server_workers_changed: bool
+    client_cpu: list[float]
+    client_loop_lag_ms: float
+    publisher_behind_ms: float
+    machine_cpu_percent: float
+    test_processes_cores: float
+    # Work on this machine by processes outside the test (other jobs): it competes for the cores.
+    other_processes_cores: float
+    irq_softirq_cores: float
+    # The loopback TCP path (both ends) runs in softirq, charged to no process here.
+    irq_softirq_us_per_delivery: float | None
+    wall_s: float
+    client_cpu_peak: float
+    client_saturated: list[str]
+    load_not_offered: list[str]
+    machine_saturated: str | None = field(default=None, metadata=_OPTIONAL)
+    # The server's share of the latency: a worker's loop over its local connections.
+    server_fanout_ms_mean: float | None = field(default=None, metadata=_OPTIONAL)
+    passed: bool | None = field(default=None, metadata={**_key("pass"), **_OPTIONAL})
+    per_seq: PerSeq | None = field(default=None, metadata=_INTERNAL)
+
+
+@dataclass
+class IdleResult:
+    connections: int
+    connected: int
+    failed: dict[str, int]
+    connect_seconds: float
+    established_on_server: int
+    server_workers_measured: int
+    rss_before_mb: float
+    rss_connected_mb: float
+    rss_after_close_mb: float
+    kb_per_connection: float | None
+    given_back_fraction: float | None
+    close_seconds: float
+    settle_s: float
+
+
+@dataclass
+class FanoutResult:
+    subscribers: int
+    connect_failed: dict[str, int]
+    steps: list[StepResult]
+    highest_rate_passing: float | None
+
+
+@dataclass
+class SlowSample:
+    t: float
+    rss_mb: float
+    established: int
+    send_queue_mb: float
+
+
+@dataclass
+class SlowResult:
+    subscribers: int
+    stalled: int
+    fast: StepResult
+    samples: list[SlowSample]
+    rss_before_mb: float
+    rss_growth_mb: float
+    send_queue_peak_mb: float
+    stalled_outcomes: dict[str, int]
+    stalled_frames_received: int
+    server_counters: dict[str, int] | None
+
+
+@dataclass
+class RestartResult:
+    subscribers: int
+    rate: float
+    connections_before: int
+    connections_after: int
+    redis_down_s: float
+    resume_s: float | None
+    resume_all_s: float | None
+    published_ok: int
+    publish_failed_while_down: int
+    published_without_receivers: int
+    frames_lost: int
+    deliveries_lost: int
+    step: StepResult
+
+
+@dataclass
+class Skipped:
+    skipped: str
+
+
+@dataclass
+class TargetResult:
+    target: str
+    port: int
+    idle: IdleResult | None = field(default=None, metadata=_OPTIONAL)
+    fanout: FanoutResult | None = field(default=None, metadata=_OPTIONAL)
+    slow: SlowResult | None = field(default=None, metadata=_OPTIONAL)
+    redis_restart: RestartResult | Skipped | None = field(default=None, metadata={**_key("redis-restart"), **_OPTIONAL})
+
+
+def to_json(value: Any) -> Any:
+    """``value`` with every dataclass turned into a dict of its JSON keys."""
+    if is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        for f in fields(value):
+            item = getattr(value, f.name)
+            if f.metadata.get("internal") or (item is None and f.metadata.get("omit_none")):
+                continue
+            out[f.metadata.get("json_key", f.name)] = to_json(item)
+        return out
+    if isinstance(value, list | tuple):
+        return [to_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: to_json(item) for key, item in value.items()}
+    return value

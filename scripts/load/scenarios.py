@@ -1,0 +1,492 @@
+"""The scenarios: ``idle``, ``fanout``, ``slow``, ``redis-restart``, each a method of ``Run``.
+
+The load is checked, never assumed. A step whose publisher fell behind its schedule (over 250 ms,
+or under 97% of the rate) did not offer the load it names: it never counts as a pass. A client
+process over 90% of a core or whose event loop lagged over 100 ms is reported as saturated: its
+latency figures are pessimistic (a frame is timed when the client gets to read it), so a pass
+still stands, but a failure may be the client's, and the ladder of rates stops there saying so.
+
+Server CPU per delivery = CPU time of the worker processes over the step, divided by the
+deliveries counted by the clients; n/a when no worker process could be measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from scripts.load.publisher import Publisher
+from scripts.load.rawclient import BUCKET, Clients, Progress, split
+from scripts.load.report import idle_table, number, percent
+from scripts.load.results import (
+    Connected,
+    FanoutResult,
+    IdleResult,
+    Latency,
+    PerSeq,
+    RestartResult,
+    Skipped,
+    SlowResult,
+    SlowSample,
+    StepResult,
+)
+from scripts.load.targets import Target
+from scripts.redis_server import PrivateRedis
+
+# A step is refused when the load client itself was the bottleneck.
+CLIENT_CPU_LIMIT = 0.90
+CLIENT_LAG_LIMIT = 0.100
+PUBLISH_LAG_LIMIT = 0.250
+PUBLISH_RATE_SHORTFALL = 0.97
+
+
+def _percentile(hist: Counter[int], total: int, q: float) -> float:
+    """Upper edge (ms) of the bucket holding the q-quantile."""
+    if not total:
+        return float("nan")
+    rank = q * total
+    seen = 0
+    for index in sorted(hist):
+        seen += hist[index]
+        if seen >= rank:
+            return (index + 1) * BUCKET * 1000
+    return float("nan")
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace, clients: Clients, target: Target, redis: PrivateRedis | None) -> None:
+        self.args = args
+        self.clients = clients
+        self.target = target
+        self.redis = redis
+        self.tag = f"[{target.name}]"
+        # Sequence numbers never repeat within a run, so a frame is never mistaken for another step's.
+        self.seq = 0
+
+    def _own_cpu(self) -> float:
+        """CPU seconds of every process this test runs: server (master too), clients, Redis, us."""
+        pids = [*self.clients.pids(), os.getpid()]
+        if self.target.master is not None:
+            pids.append(self.target.master)
+        if self.redis is not None and self.redis.process is not None:
+            pids.append(self.redis.process.pid)
+        total = 0.0
+        procs = list(self.target.workers())
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                procs.append(self.target.proc(pid))
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system + times.children_user + times.children_system
+        return total
+
+    @staticmethod
+    def _busy() -> tuple[float, float]:
+        """(CPU seconds the whole machine spent busy, of which in interrupts and softirqs).
+
+        Where the kernel accounts IRQ time separately, the loopback network path that a server's
+        send() runs in softirq context is charged to no process: it is reported on its own.
+        """
+        times = psutil.cpu_times()
+        irq = getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
+        return float(sum(times)) - times.idle - getattr(times, "iowait", 0.0), irq
+
+    async def connect(self, n: int, stall: int = 0) -> Connected:
+        parts = split(n, len(self.clients.pipes))
+        stalls = split(stall, len(self.clients.pipes))
+        rate = self.args.connect_rate / len(parts)
+        t = self.target
+        task = asyncio.ensure_future(self.clients.connect([
+            {"host": t.host, "port": t.port, "path": t.path, "n": k, "rate": rate, "stall": s,
+             "ack": t.acks_subscriptions,
+             "timeout": 15.0}
+            for k, s in zip(parts, stalls, strict=True)
+        ]))
+        started = time.monotonic()
+        while not task.done():
+            await asyncio.wait([task], timeout=1.0)
+            if not task.done():
+                opened = sum(p.open for p in await self.clients.progress())
+                log(f"{self.tag} connecting: {opened}/{n} open after {time.monotonic() - started:.0f} s")
+        results = task.result()
+        failed: Counter[str] = Counter()
+        for r in results:
+            failed.update(r.failed)
+        ok = sum(r.ok for r in results)
+        log(f"{self.tag} connected {ok}/{n} in {time.monotonic() - started:.1f} s"
+             + (f"; failed: {dict(failed)}" if failed else ""))
+        return Connected(ok, dict(failed), round(time.monotonic() - started, 2))
+
+    async def warm(self) -> None:
+        """Publish unnumbered frames until every open connection got one: subscriptions are live."""
+        publisher = Publisher(self.target)
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                await publisher.warm()
+                await asyncio.sleep(0.1)
+                states = await self.clients.warm()
+                if all(s.warm == s.open for s in states):
+                    return
+            raise RuntimeError(f"{self.tag} not every connection received the warm-up frames within 20 s")
+        finally:
+            await publisher.close()
+
+    async def close_all(self) -> None:
+        await self.clients.close(timeout=20.0)
+
+    async def _progress(self, label: str, stop: asyncio.Event, samples: list[Progress]) -> None:
+        """A line a second; ``samples`` gets each client's CPU share and loop lag of every full second."""
+        started = time.monotonic()
+        last_frames, last = 0, started
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            full = not stop.is_set()
+            states = await self.clients.progress()
+            if full:
+                samples.extend(states)
+            now = time.monotonic()
+            frames = sum(s.frames for s in states)
+            rate = (frames - last_frames) / max(1e-6, now - last)
+            last_frames, last = frames, now
+            cpu = " ".join(f"{s.cpu * 100:.0f}%" for s in states)
+            lag = max(s.lag for s in states) * 1000
+            log(f"{self.tag} {label} {now - started:5.1f} s  deliveries {rate / 1000:7.1f}k/s  "
+                 f"client cpu {cpu}  loop lag {lag:.0f} ms  machine {psutil.cpu_percent():.0f}%  "
+                 f"load {os.getloadavg()[0]:.2f}")
+
+    async def _drain(self, expected: int, quiet: float = 1.0, limit: float = 5.0) -> None:
+        """Wait for late frames: until all expected arrived, nothing came for ``quiet`` s, or ``limit``."""
+        deadline = time.monotonic() + limit
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            frames = sum(s.frames for s in await self.clients.progress())
+            if frames >= expected:
+                return
+            if frames != last:
+                last, since = frames, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
+            await asyncio.sleep(0.2)
+
+    async def step(
+        self, label: str, rate: float, seconds: float, size: int,
+        during: Callable[[], Coroutine[Any, Any, None]] | None = None, per_seq: bool = False,
+    ) -> StepResult:
+        """Publish ``rate`` x ``seconds`` frames, then collect what every client counted."""
+        marks = await self.clients.mark(track_first=per_seq)
+        fast = sum(m.fast for m in marks)
+        count = max(1, round(rate * seconds))
+        publisher = Publisher(self.target, self.seq)
+        stop = asyncio.Event()
+        samples: list[Progress] = []
+        progress = asyncio.create_task(self._progress(label, stop, samples))
+        fanout0 = await asyncio.to_thread(self.target.fanout_metric)
+        cpu0, pids0 = self.target.cpu()
+        own0, busy0 = self._own_cpu(), self._busy()
+        wall0 = time.monotonic()
+        profilers = self._profile(label, seconds)
+        side: asyncio.Task[None] | None = asyncio.create_task(during()) if during is not None else None
+        try:
+            published = await publisher.run(rate, count, size)
+            self.seq = publisher.seq
+            if side is not None:
+                await side
+            ok_seqs = published.hi - published.lo - len(published.failed)
+            await self._drain(ok_seqs * fast)
+        finally:
+            stop.set()
+            await progress
+            await publisher.close()
+        cpu1, pids1 = self.target.cpu()
+        own1, busy1 = self._own_cpu(), self._busy()
+        wall = time.monotonic() - wall0
+        busy, irq = busy1[0] - busy0[0], busy1[1] - busy0[1]
+        machine = round(busy / (wall * (os.cpu_count() or 1)) * 100, 1)
+        for profiler in profilers:
+            profiler.wait(30)
+        stats = await self.clients.stats(published.lo, published.hi, per_seq=per_seq)
+        fanout1 = await asyncio.to_thread(self.target.fanout_metric)
+        hist: Counter[int] = Counter()
+        for s in stats:
+            hist.update(s.hist)
+        measured = sum(hist.values())
+        delivered = sum(s.delivered for s in stats)
+        expected = ok_seqs * fast
+        n_published = published.hi - published.lo
+        publish_rate = round(n_published / max(1e-6, published.duration), 1)
+        # No worker process measured (a remote server, or none found): no CPU figure rather than 0.
+        cpu = round(cpu1 - cpu0, 3) if pids0 or pids1 else None
+        other = round(max(0.0, busy - irq - (own1 - own0)) / wall, 2)
+        # Per-second samples while publishing: a client busy for a second is saturated even when the
+        # whole step's average (drain included) looks fine.
+        peak_cpu = max((s.cpu for s in samples), default=max(s.cpu for s in stats))
+        peak_lag = max([s.lag for s in samples] + [s.lag for s in stats])
+        saturated = []
+        if peak_cpu > CLIENT_CPU_LIMIT:
+            saturated.append(f"a client process used {peak_cpu * 100:.0f}% of a core")
+        if peak_lag > CLIENT_LAG_LIMIT:
+            saturated.append(f"a client event loop lagged {peak_lag * 1000:.0f} ms")
+        offered = []
+        if not published.failed:
+            if published.max_behind > PUBLISH_LAG_LIMIT:
+                offered.append(f"the publisher fell {published.max_behind * 1000:.0f} ms behind its schedule")
+            if publish_rate < rate * PUBLISH_RATE_SHORTFALL:
+                offered.append(f"the publisher reached {publish_rate:g} of {rate:g} msg/s")
+        result = StepResult(
+            rate=rate,
+            seconds=seconds,
+            payload_bytes=size,
+            subscribers=fast,
+            published=n_published,
+            publish_failed=len(published.failed),
+            published_without_receivers=len(published.no_receivers),
+            publish_rate=publish_rate,
+            expected=expected,
+            delivered=delivered,
+            delivered_fraction=round(delivered / expected, 6) if expected else None,
+            duplicates=sum(s.dups for s in stats),
+            reordered=sum(s.reordered for s in stats),
+            deliveries_per_s=round(delivered / max(1e-6, published.duration), 1),
+            latency_ms=Latency(
+                p50=round(_percentile(hist, measured, 0.50), 2),
+                p99=round(_percentile(hist, measured, 0.99), 2),
+                max=round(max(s.max_latency for s in stats) * 1000, 2),
+            ),
+            server_workers_measured=len(pids1),
+            server_cpu_s=cpu,
+            server_cpu_us_per_delivery=round(cpu / delivered * 1e6, 2) if cpu is not None and delivered else None,
+            server_workers_changed=pids0 != pids1,
+            client_cpu=[round(s.cpu, 3) for s in stats],
+            client_loop_lag_ms=round(peak_lag * 1000, 1),
+            publisher_behind_ms=round(published.max_behind * 1000, 1),
+            machine_cpu_percent=machine,
+            test_processes_cores=round((own1 - own0) / wall, 2),
+            other_processes_cores=other,
+            irq_softirq_cores=round(irq / wall, 2),
+            irq_softirq_us_per_delivery=round(irq / delivered * 1e6, 2) if delivered else None,
+            wall_s=round(wall, 2),
+            client_cpu_peak=round(peak_cpu, 3),
+            client_saturated=saturated,
+            load_not_offered=offered,
+        )
+        if machine >= 95:
+            result.machine_saturated = (
+                f"the machine's {os.cpu_count()} cores were {machine:.0f}% busy (other processes: "
+                f"{other} cores): latency includes waiting for a core"
+            )
+        if fanout0 is not None and fanout1 is not None and fanout1[1] > fanout0[1]:
+            result.server_fanout_ms_mean = round((fanout1[0] - fanout0[0]) / (fanout1[1] - fanout0[1]) * 1000, 2)
+        if per_seq:
+            counts = [sum(c) for c in zip(*(s.counts or [] for s in stats), strict=True)]
+            firsts = [min((f for f in fs if f > 0), default=0.0) for fs in zip(*(s.first or [] for s in stats),
+                                                                                  strict=True)]
+            result.per_seq = PerSeq(published, counts, firsts, fast)
+        lat = result.latency_ms
+        if result.machine_saturated:
+            log(f"{self.tag} {label}: MACHINE SATURATED: {result.machine_saturated}")
+        log(f"{self.tag} {label}: delivered {percent(result.delivered_fraction)} of {expected}  "
+            f"p50 {lat.p50} ms p99 {lat.p99} ms max {lat.max} ms  "
+            f"server {number(result.server_cpu_us_per_delivery)} us/delivery"
+            + (f"  CLIENT SATURATED: {'; '.join(saturated)}" if saturated else "")
+            + (f"  LOAD NOT OFFERED: {'; '.join(offered)}" if offered else ""))
+        return result
+
+    def _profile(self, label: str, seconds: float) -> list[subprocess.Popen[bytes]]:
+        """With --profile DIR: py-spy samples each worker for the step (collapsed stacks, one file each)."""
+        if not self.args.profile:
+            return []
+        out = Path(self.args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        spy = Path(sys.executable).parent / "py-spy"
+        procs = []
+        for worker in self.target.workers():
+            name = f"{self.target.name}-{label.replace(' ', '-').replace('/', '')}-{worker.pid}.txt"
+            procs.append(subprocess.Popen(
+                [str(spy), "record", "--pid", str(worker.pid), "--duration", str(max(1, int(seconds))),
+                 "--rate", "250", "--nonblocking", "--format", "raw", "--output", str(out / name)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+        return procs
+
+    # --- the scenarios -------------------------------------------------------------------------
+
+    async def idle(self) -> IdleResult:
+        n = self.args.connections
+        await asyncio.sleep(1.0)
+        before = self.target.rss()
+        conn = await self.connect(n)
+        await asyncio.sleep(self.args.settle)
+        connected = self.target.rss()
+        measured = len(self.target.workers())
+        established, _ = self.target.sockets()
+        started = time.monotonic()
+        await self.close_all()
+        deadline = time.monotonic() + 30
+        while self.target.sockets()[0] and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the kernel
+            await asyncio.sleep(0.2)
+        closed_in = time.monotonic() - started
+        await asyncio.sleep(self.args.settle)
+        after = self.target.rss()
+        grown = connected - before
+        result = IdleResult(
+            connections=n,
+            connected=conn.ok,
+            failed=conn.failed,
+            connect_seconds=conn.seconds,
+            established_on_server=established,
+            server_workers_measured=measured,
+            rss_before_mb=round(before / 1e6, 2),
+            rss_connected_mb=round(connected / 1e6, 2),
+            rss_after_close_mb=round(after / 1e6, 2),
+            kb_per_connection=round(grown / max(1, conn.ok) / 1024, 2) if measured else None,
+            given_back_fraction=round((connected - after) / grown, 3) if measured and grown > 0 else None,
+            close_seconds=round(closed_in, 2),
+            settle_s=self.args.settle,
+        )
+        log(f"{self.tag} idle:\n" + idle_table(result))
+        return result
+
+    async def fanout(self) -> FanoutResult:
+        conn = await self.connect(self.args.subscribers)
+        await self.warm()
+        steps = []
+        best: float | None = None
+        for rate in self.args.rates:
+            step = await self.step(f"fanout {rate:g}/s", rate, self.args.duration, self.args.payload)
+            steps.append(step)
+            fraction = step.delivered_fraction or 0.0
+            good = fraction >= 0.999 and step.latency_ms.p99 < 200
+            step.passed = good and not step.load_not_offered
+            if step.load_not_offered:
+                log(f"{self.tag} refusing {rate:g}/s and above: {'; '.join(step.load_not_offered)}, "
+                    "so this tool cannot claim that rate")
+                break
+            if not good:
+                if step.client_saturated:
+                    log(f"{self.tag} {rate:g}/s failed with the load client saturated "
+                        f"({'; '.join(step.client_saturated)}): the limit may be the client's, not the server's")
+                break
+            best = rate
+        await self.close_all()
+        return FanoutResult(subscribers=conn.ok, connect_failed=conn.failed, steps=steps, highest_rate_passing=best)
+
+    async def slow(self) -> SlowResult:
+        n = self.args.subscribers
+        stall = round(n * self.args.slow_fraction)
+        conn = await self.connect(n, stall=stall)
+        await self.warm()
+        rss0 = self.target.rss()
+        samples: list[SlowSample] = []
+        started = time.monotonic()
+
+        def sample() -> None:
+            established, queued = self.target.sockets()
+            row = SlowSample(t=round(time.monotonic() - started, 1), rss_mb=round(self.target.rss() / 1e6, 2),
+                             established=established, send_queue_mb=round(queued / 1e6, 2))
+            samples.append(row)
+            log(f"{self.tag} slow sample: {row.t} s  RSS {row.rss_mb} MB  established {row.established}  "
+                f"send queues {row.send_queue_mb} MB")
+
+        sample()
+        await self.clients.stall(on=True)
+
+        async def sampler() -> None:
+            while time.monotonic() - started < self.args.slow_duration:
+                await asyncio.sleep(min(self.args.sample_every, self.args.slow_duration - (time.monotonic() - started)))
+                sample()
+
+        step = await self.step("slow", self.args.slow_rate, self.args.slow_duration, self.args.slow_payload,
+                               during=sampler)
+        sample()
+        server_counters = await asyncio.to_thread(self.target.counters)
+        await self.clients.stall(on=False)
+        outcomes: Counter[str] = Counter()
+        received = 0
+        for o in await self.clients.outcomes(wait=10.0):
+            outcomes.update(o.outcomes)
+            received += o.received
+        peak = max(s.rss_mb for s in samples)
+        await self.close_all()
+        result = SlowResult(
+            subscribers=conn.ok,
+            stalled=stall,
+            fast=step,
+            samples=samples,
+            rss_before_mb=round(rss0 / 1e6, 2),
+            rss_growth_mb=round(peak - rss0 / 1e6, 2),
+            send_queue_peak_mb=max(s.send_queue_mb for s in samples),
+            stalled_outcomes=dict(outcomes),
+            stalled_frames_received=received,
+            server_counters=server_counters,
+        )
+        log(f"{self.tag} slow: stalled clients {dict(outcomes)}; RSS growth {result.rss_growth_mb} MB")
+        return result
+
+    async def redis_restart(self) -> RestartResult | Skipped:
+        if self.redis is None:
+            log(f"{self.tag} redis-restart skipped: it needs the private Redis this tool starts (no --url)")
+            return Skipped("needs the tool's private Redis")
+        redis = self.redis
+        n, rate = self.args.restart_subscribers, self.args.restart_rate
+        conn = await self.connect(n)
+        await self.warm()
+        before = sum(s.open for s in await self.clients.progress())
+        times: dict[str, float] = {}
+
+        async def outage() -> None:
+            await asyncio.sleep(2.0)
+            times["down"] = time.monotonic()
+            await asyncio.to_thread(redis.stop)
+            await asyncio.sleep(self.args.outage)
+            await asyncio.to_thread(redis.start)
+            times["back"] = time.monotonic()
+            log(f"{self.tag} Redis down {times['back'] - times['down']:.2f} s (stop, {self.args.outage:g} s, start)")
+
+        step = await self.step("redis-restart", rate, 6.0, self.args.payload, during=outage, per_seq=True)
+        assert step.per_seq is not None
+        published, counts, firsts, fast = step.per_seq.published, step.per_seq.counts, step.per_seq.firsts, \
+            step.per_seq.fast
+        after = sum(s.open for s in await self.clients.progress())
+        back = times["back"]
+        seqs = range(published.lo, published.hi)
+        after_back = [i for i, seq in enumerate(seqs) if published.sent_at[seq] >= back]
+        firsts_after = [firsts[i] for i in after_back if firsts[i] > 0]
+        full = next((i for i in after_back if counts[i] >= fast * 0.999), None)
+        ok = [i for i, seq in enumerate(seqs) if seq not in published.failed]
+        lost_frames = sum(1 for i in ok if counts[i] < fast)
+        result = RestartResult(
+            subscribers=conn.ok,
+            rate=rate,
+            connections_before=before,
+            connections_after=after,
+            redis_down_s=round(back - times["down"], 3),
+            resume_s=round(min(firsts_after) - back, 3) if firsts_after else None,
+            resume_all_s=round(published.sent_at[seqs[full]] - back, 3) if full is not None else None,
+            published_ok=len(ok),
+            publish_failed_while_down=len(published.failed),
+            published_without_receivers=len(published.no_receivers),
+            frames_lost=lost_frames,
+            deliveries_lost=sum(fast - counts[i] for i in ok),
+            step=step,
+        )
+        await self.close_all()
+        log(f"{self.tag} redis-restart: resume {result.resume_s} s; frames lost {lost_frames}")
+        return result
