@@ -89,10 +89,11 @@ class Service:
 
 
 @contextlib.asynccontextmanager
-async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+async def _lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     service: Service = app.state.service
     service.broker.start()
     service.memory.check()
+    service.memory.check_fds()
     tasks = [
         asyncio.create_task(service.tracker.run_sweeps(service.settings.cleanup_interval), name="idle-sweep"),
         asyncio.create_task(service.memory.run(), name="memory"),
@@ -101,7 +102,8 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     ]
     log.info("worker %s started: %s", service.worker_name, service.settings.public())
     try:
-        yield
+        # Lifespan state: the HTTP protocol (workers/http.py) counts its rejections here.
+        yield {"wsbroadcast.counters": service.tracker.counters}
     finally:
         for task in reversed(tasks):
             task.cancel()
@@ -129,10 +131,16 @@ async def publish(request: Request) -> Response:
     if declared is not None and declared.isdigit() and int(declared) > settings.max_message_bytes:
         return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > settings.max_message_bytes:
-            return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
+    try:
+        async with asyncio.timeout(settings.body_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > settings.max_message_bytes:
+                    return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
+    except TimeoutError:
+        service.tracker.counters.http_rejected_body_timeout += 1
+        return _problem(408, f"body not received within BODY_TIMEOUT ({settings.body_timeout:g} s)",
+                        {"Connection": "close"})
     try:
         doc = codec.loads(bytes(body))
     except codec.JSONDecodeError:

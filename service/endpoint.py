@@ -125,6 +125,12 @@ class _Session:
             # into WebSocketDisconnect) or the connection was closed under us.
             log.debug("connection %d ended: %r", self.conn.id, exc)
         finally:
+            # The protocol closes abusers (1008) and clients that never read its pongs (4008) on its own.
+            verdict = getattr(self.link, "verdict", None)
+            if verdict == "abuse":
+                service.tracker.counters.abuse_closed += 1
+            elif verdict == "slow":
+                service.tracker.counters.slow_closed += 1
             for channel in self.conn.channels:
                 service.hub.discard(channel, self.conn.outbound)  # type: ignore[arg-type]
             self.conn.channels.clear()

@@ -54,6 +54,10 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "reconnects": ("redis_reconnects", ()),
     "canary_misses": ("redis_canary_misses", ()),
     "memory_alerts": ("memory_pressure_alerts", ()),
+    "http_rejected_headers_too_big": ("http_rejected", ("headers_too_big",)),
+    "http_rejected_head_timeout": ("http_rejected", ("head_timeout",)),
+    "http_rejected_body_timeout": ("http_rejected", ("body_timeout",)),
+    "http_rejected_handshakes_full": ("http_rejected", ("handshakes_full",)),
 }
 
 _COUNTER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -71,6 +75,11 @@ _COUNTER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "redis_reconnects": ("Times the Redis pub/sub connection was restored", ()),
     "redis_canary_misses": ("Listener canaries that did not come back in time", ()),
     "memory_pressure_alerts": ("Times a worker crossed its memory high watermark", ()),
+    "http_rejected": (
+        "HTTP requests and handshakes refused by the protocol limits, by reason "
+        "(headers_too_big 431, head_timeout 408, body_timeout 408, handshakes_full 503)",
+        ("reason",),
+    ),
 }
 
 
@@ -125,7 +134,8 @@ class Metrics:
         )
         self.worker_connections = worker("connections", "Open WebSocket connections of this worker")
         self.worker_limit = worker(
-            "connections_effective_limit", "Connections this worker admits: min(MAX_CONNECTIONS, what memory allows)"
+            "connections_effective_limit",
+            "Connections this worker admits: min(MAX_CONNECTIONS, what memory and file descriptors allow)",
         )
         self.worker_queue_frames = worker("queue_depth_max_frames", "Frames waiting for this worker's slowest client")
         self.worker_queue_bytes = worker("queue_depth_max_bytes", "Bytes waiting for this worker's slowest client")
@@ -162,6 +172,10 @@ class Metrics:
             "reconnects": service.broker.reconnects,
             "canary_misses": service.broker.canary_misses,
             "memory_alerts": service.memory.alerts,
+            "http_rejected_headers_too_big": c.http_rejected_headers_too_big,
+            "http_rejected_head_timeout": c.http_rejected_head_timeout,
+            "http_rejected_body_timeout": c.http_rejected_body_timeout,
+            "http_rejected_handshakes_full": c.http_rejected_handshakes_full,
         }
 
     def sync(self) -> None:

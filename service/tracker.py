@@ -34,6 +34,10 @@ class Counters:
     invalid_payloads: int = 0
     bad_client_frames: int = 0
     abuse_closed: int = 0
+    http_rejected_headers_too_big: int = 0
+    http_rejected_head_timeout: int = 0
+    http_rejected_body_timeout: int = 0
+    http_rejected_handshakes_full: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -74,6 +78,9 @@ class Tracker:
         # connections are refused for memory pressure.
         self.memory_limit_connections: int | None = None
         self.memory_pressure = False
+        # Set by the memory monitor too: the connections the file descriptors left allow
+        # (RLIMIT_NOFILE minus FD_RESERVE minus those in use), so that refusing still works.
+        self.fd_limit_connections: int | None = None
 
     @property
     def current(self) -> int:
@@ -81,9 +88,12 @@ class Tracker:
 
     @property
     def effective_limit(self) -> int:
-        if self.memory_limit_connections is None:
-            return self.max_connections
-        return min(self.max_connections, self.memory_limit_connections)
+        limit = self.max_connections
+        if self.memory_limit_connections is not None:
+            limit = min(limit, self.memory_limit_connections)
+        if self.fd_limit_connections is not None:
+            limit = min(limit, self.fd_limit_connections)
+        return limit
 
     def refusal(self) -> str | None:
         """Why a new connection would be refused now, or None when it can be admitted."""

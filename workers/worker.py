@@ -19,6 +19,7 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from service.config import Settings
+from workers.limits import Limits
 
 
 class _PerConnectionFilter(logging.Filter):
@@ -47,7 +48,7 @@ class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker sh
         settings = Settings.from_env()
         self.CONFIG_KWARGS = {
             "loop": "uvloop",
-            "http": "httptools",
+            "http": "workers.http:BroadcastHttpProtocol",
             "ws": "workers.protocol:BroadcastWebSocketProtocol",
             "ws_per_message_deflate": settings.ws_compression,
             "ws_ping_interval": settings.ws_ping_interval or None,
@@ -68,6 +69,7 @@ class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker sh
         ours.setLevel(self.log.error_log.level)
         ours.propagate = False
         self.config.wsbroadcast_send_buffer_bytes = settings.send_buffer_bytes  # type: ignore[attr-defined]
+        self.config.wsbroadcast_limits = Limits.from_settings(settings)  # type: ignore[attr-defined]
 
     async def _serve(self) -> None:
         # As uvicorn_worker's, but gunicorn's quick shutdown (SIGQUIT, sent on SIGINT to the master)
