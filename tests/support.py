@@ -52,8 +52,17 @@ async def async_wait_until(
 class Service:
     """One service instance: the Procfile's web line under gunicorn, on a free port, stopped by PID."""
 
-    def __init__(self, redis_url: str, workers: int = 2, prefix: str | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        workers: int = 2,
+        prefix: str | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+        **settings: Any,
+    ) -> None:
         self.port = free_port()
+        # Run in the service's process before gunicorn starts (e.g. resource limits).
+        self.preexec_fn = preexec_fn
         self.workers = workers
         self.prefix = prefix or f"t{uuid.uuid4().hex[:8]}:"
         self.redis_url = redis_url
@@ -79,7 +88,8 @@ class Service:
     def start(self, wait: bool = True) -> Service:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            procfile_web(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            procfile_web(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=self.preexec_fn,
         )
         log.close()
         if wait:
