@@ -6,6 +6,7 @@ import asyncio
 import resource
 import socket
 import time
+from dataclasses import replace
 
 import httpx
 import psutil
@@ -24,6 +25,7 @@ from scripts.attack import (
 )
 from scripts.redis_server import PrivateRedis
 from tests.support import Service, async_wait_until, recv_json, subscribe_client, wait_until, worker_of
+from workers.limits import DEFAULT_LIMITS, FrameBudget
 
 HOST = "127.0.0.1"
 
@@ -221,3 +223,30 @@ async def test_out_of_file_descriptors_refusals_are_503(redis_server: PrivateRed
         log = service.log()
         assert "Traceback" not in log, log[-3000:]
         assert "RLIMIT_NOFILE is 256" in log
+
+
+def _budget(frames: int) -> FrameBudget:
+    limits = replace(DEFAULT_LIMITS, frame_rate=1e-9, frame_burst=frames, bytes_rate=1e-9, bytes_burst=1 << 30)
+    return FrameBudget(limits, now=0.0)
+
+
+def test_the_frame_budget_follows_frames_across_reads() -> None:
+    frames = [client_frame(0x9), client_frame(0x1, b"x" * 125), client_frame(0x1, b"y" * 126),
+              client_frame(0x2, b"z" * 70000), client_frame(0xA, b"p" * 3), client_frame(0x0, b"", fin=True)]
+    stream = b"".join(frames)
+    for cut in [*range(0, 300), *range(len(stream) - 40, len(stream))]:
+        reads = [stream[:cut], stream[cut:]]
+        exact = _budget(len(frames))
+        assert all(exact.charge(r, 0.0) for r in reads), cut
+        short = _budget(len(frames) - 1)
+        assert not all(short.charge(r, 0.0) for r in reads), cut
+
+
+def test_the_frame_budget_charges_bytes() -> None:
+    limits = replace(DEFAULT_LIMITS, frame_rate=1e6, frame_burst=1 << 20, bytes_rate=1000.0, bytes_burst=10_000)
+    budget = FrameBudget(limits, now=0.0)
+    assert budget.charge(client_frame(0x1, b"a" * 9000), 0.0)
+    assert not budget.charge(client_frame(0x1, b"a" * 2000), 0.0)
+    refilled = FrameBudget(limits, now=0.0)
+    assert refilled.charge(client_frame(0x1, b"a" * 9000), 0.0)
+    assert refilled.charge(client_frame(0x1, b"a" * 2000), 2.0)  # 2 s later: 2000 bytes more
