@@ -110,6 +110,8 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
     # client must not keep its (bounded) buffers alive for ever, but one that resumes reading in time
     # learns why it was closed (4008).
     close_timeout = 10.0
+    # An abuser has had its close frame (and FIN) at once: it is aborted sooner, as it is not read.
+    abuse_linger = 2.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -144,18 +146,28 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
             self.verdict = "abuse"
         self.close(1008, reason)
         self._stop_reading()
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(self.abuse_linger, self.transport.abort)
 
     def _stop_reading(self) -> None:
+        """Read nothing more from this client: our close frame goes out, then FIN, then the abort timer."""
         self.discarding = True
         self.frames = []
         if not self.transport.is_closing():
-            # Our close frame goes out, then FIN; the client's own close (or EOF) ends it, else
-            # the abort timer does.
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             if not self.read_paused:
                 self.read_paused = True
                 self.transport.pause_reading()
+
+    async def receive(self) -> Any:
+        # As uvicorn's, but reading stays paused once we stopped reading from this client.
+        message = await self.queue.get()
+        if self.read_paused and self.queue.empty() and not self.discarding:
+            self.read_paused = False
+            self.transport.resume_reading()
+        return message
 
     def handle_ping(self) -> None:
         super().handle_ping()
