@@ -62,6 +62,7 @@ async def test_a_flood_of_tiny_frames_is_closed_1008(redis_server: PrivateRedis,
         assert health["counters"]["abuse_closed"] == 1
         wait_until(lambda: _health(service)["connections"]["current"] == 1, what="the abuser to be gone")
         await other.close()
+        assert "Traceback" not in service.log(), service.log()[-3000:]
 
 
 async def test_a_legitimate_fragmented_message_passes_the_budget(redis_server: PrivateRedis) -> None:
@@ -119,6 +120,7 @@ async def test_pings_never_read_are_closed_4008_without_growing_memory(redis_ser
         client.close()
         await _still_receives(service, other, "news")
         await other.close()
+        assert "Traceback" not in service.log(), service.log()[-3000:]
 
 
 async def test_a_huge_header_gets_431_and_the_worker_survives(redis_server: PrivateRedis) -> None:

@@ -170,6 +170,8 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
         return message
 
     def handle_ping(self) -> None:
+        if self.discarding:
+            return  # a ping parsed in the same read as the one that stopped us: nothing more is written
         super().handle_ping()
         if self.transport.get_write_buffer_size() > self.limits.queue_bytes:
             # A client that pings and never reads would make us buffer its pongs for ever.
