@@ -58,6 +58,7 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "http_rejected_head_timeout": ("http_rejected", ("head_timeout",)),
     "http_rejected_body_timeout": ("http_rejected", ("body_timeout",)),
     "http_rejected_handshakes_full": ("http_rejected", ("handshakes_full",)),
+    "http_rejected_fds": ("http_rejected", ("fds",)),
 }
 
 _COUNTER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -77,7 +78,7 @@ _COUNTER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "memory_pressure_alerts": ("Times a worker crossed its memory high watermark", ()),
     "http_rejected": (
         "HTTP requests and handshakes refused by the protocol limits, by reason "
-        "(headers_too_big 431, head_timeout 408, body_timeout 408, handshakes_full 503)",
+        "(headers_too_big 431, head_timeout 408, body_timeout 408, handshakes_full 503, fds 503)",
         ("reason",),
     ),
 }
@@ -176,6 +177,7 @@ class Metrics:
             "http_rejected_head_timeout": c.http_rejected_head_timeout,
             "http_rejected_body_timeout": c.http_rejected_body_timeout,
             "http_rejected_handshakes_full": c.http_rejected_handshakes_full,
+            "http_rejected_fds": c.http_rejected_fds,
         }
 
     def sync(self) -> None:

@@ -38,6 +38,7 @@ class Counters:
     http_rejected_head_timeout: int = 0
     http_rejected_body_timeout: int = 0
     http_rejected_handshakes_full: int = 0
+    http_rejected_fds: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

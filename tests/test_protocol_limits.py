@@ -252,3 +252,29 @@ def test_the_frame_budget_charges_bytes() -> None:
     refilled = FrameBudget(limits, now=0.0)
     assert refilled.charge(client_frame(0x1, b"a" * 9000), 0.0)
     assert refilled.charge(client_frame(0x1, b"a" * 2000), 2.0)  # 2 s later: 2000 bytes more
+
+
+async def test_a_connection_storm_short_of_file_descriptors_meets_503_not_resets(redis_server: PrivateRedis) -> None:
+    with Service(redis_server.url, workers=1, preexec_fn=_low_nofile) as service:
+        held: list[ClientConnection] = []
+        outcomes: dict[str, int] = {}
+
+        async def one() -> None:
+            try:
+                held.append(await service.connect("?channels=a"))
+                key = "101"
+            except InvalidStatus as exc:
+                key = str(exc.response.status_code)
+            except Exception as exc:  # a reset or an EOF: what must not happen
+                key = type(exc).__name__
+            outcomes[key] = outcomes.get(key, 0) + 1
+
+        try:
+            await asyncio.gather(*(one() for _ in range(600)))
+            assert set(outcomes) <= {"101", "503"}, outcomes
+            assert outcomes.get("503", 0) > 0, outcomes
+            assert (await asyncio.to_thread(service.get, "/health")).status_code == 200
+        finally:
+            for ws in held:
+                await ws.close()
+        assert "Traceback" not in service.log(), service.log()[-3000:]

@@ -9,7 +9,11 @@ bounds them only for h11 (``h11_max_incomplete_event_size``). Here, per connecti
   next request on a kept-alive one): else 408 and close. A WebSocket handshake is this head;
   the app answers it at once;
 * at most MAX_HANDSHAKES connections per worker may be in that state (sending a head): a further
-  one is answered 503 at once, so half-open handshakes cannot hold the worker's file descriptors.
+  one is answered 503 at once, so half-open handshakes cannot hold the worker's file descriptors;
+* a connection that would leave fewer than half of FD_RESERVE descriptors free (counted from the
+  server's open connections) is answered 503 at once too: a storm of connections then meets
+  refusals, not a worker out of descriptors whose accept loop can only reset them. The app's
+  admission (``Tracker``) refuses WebSockets earlier, at the whole reserve.
 
 Rejections are counted in the worker's ``tracker.Counters`` (``http_rejected_*``), which the app
 shares through the lifespan state (``wsbroadcast.counters``).
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 from asyncio import TimerHandle
 from typing import Any
 
@@ -43,6 +49,27 @@ class _Pending:
     count = 0
 
 
+class _Descriptors:
+    """How many connections this process's descriptors allow, measured once: RLIMIT_NOFILE minus
+    what is not a connection (listening socket, Redis, logs) minus half of FD_RESERVE."""
+
+    limit: int | None = None
+    measured = False
+
+    @classmethod
+    def connections_allowed(cls, open_connections: int, reserve: int) -> int | None:
+        if not cls.measured:
+            cls.measured = True
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft != resource.RLIM_INFINITY:
+                try:
+                    others = len(os.listdir("/proc/self/fd")) - open_connections
+                except OSError:
+                    others = reserve
+                cls.limit = soft - others - reserve // 2
+        return cls.limit
+
+
 class BroadcastHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -55,6 +82,10 @@ class BroadcastHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        allowed = _Descriptors.connections_allowed(len(self.connections), self.limits.fd_reserve)
+        if allowed is not None and len(self.connections) > allowed:
+            self._reject(503, "fds", "worker is short of file descriptors; retry later", retry_after=True)
+            return
         if _Pending.count >= self.limits.max_handshakes:
             self._reject(503, "handshakes_full", "too many connections in handshake; retry later", retry_after=True)
             return

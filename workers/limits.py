@@ -24,6 +24,7 @@ class Limits:
     max_header_bytes: int
     handshake_timeout: float
     max_handshakes: int
+    fd_reserve: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -36,6 +37,7 @@ class Limits:
             max_header_bytes=settings.max_header_bytes,
             handshake_timeout=settings.handshake_timeout,
             max_handshakes=settings.max_handshakes,
+            fd_reserve=settings.fd_reserve,
         )
 
 
