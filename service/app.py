@@ -34,7 +34,7 @@ from service.keys import Keys
 from service.memory import MemoryMonitor
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import Metrics
-from service.tracker import Tracker
+from service.tracker import Counters, Tracker
 
 log = logging.getLogger("wsbroadcast.app")
 
@@ -89,7 +89,7 @@ class Service:
 
 
 @contextlib.asynccontextmanager
-async def _lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     service: Service = app.state.service
     service.broker.start()
     service.memory.check()
@@ -102,8 +102,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     ]
     log.info("worker %s started: %s", service.worker_name, service.settings.public())
     try:
-        # Lifespan state: the HTTP protocol (workers/http.py) counts its rejections here.
-        yield {"wsbroadcast.counters": service.tracker.counters}
+        yield
     finally:
         for task in reversed(tasks):
             task.cancel()
@@ -193,6 +192,12 @@ class _App(Starlette):
     for handlers that our endpoint does not need (it catches what it expects, and uvicorn logs
     anything else).
     """
+
+    @property
+    def counters(self) -> Counters:
+        """The worker's counters, for the server's protocols (workers/http.py counts its rejections)."""
+        service: Service = self.state.service
+        return service.tracker.counters
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == "/ws":

@@ -15,11 +15,11 @@ bounds them only for h11 (``h11_max_incomplete_event_size``). Here, per connecti
   refusals, not a worker out of descriptors whose accept loop can only reset them. The app's
   admission (``Tracker``) refuses WebSockets earlier, at the whole reserve.
 
-Rejections are counted in the worker's ``tracker.Counters`` (``http_rejected_*``), which the app
-shares through the lifespan state (``wsbroadcast.counters``).
+Rejections are counted in the worker's ``tracker.Counters`` (``http_rejected_*``), which the
+worker puts on uvicorn's config (``config.wsbroadcast_counters``).
 
 This subclasses uvicorn's ``HttpToolsProtocol`` and relies on its internals (``parser``,
-``cycle``, the ``on_*`` callbacks, ``on_response_complete``, ``app_state``).
+``cycle``, ``connections``, the ``on_*`` callbacks).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from service.ratelog import RateLimitedLog
 from workers.limits import DEFAULT_LIMITS, Limits
 
-COUNTERS_STATE = "wsbroadcast.counters"
 _END_OF_HEAD = b"\r\n\r\n"
 
 log = logging.getLogger("wsbroadcast.http")
@@ -163,7 +162,7 @@ class BroadcastHttpProtocol(HttpToolsProtocol):
         """Answer ``status`` with ``detail`` and close, or just close mid-response (pipelining)."""
         self._head_done()
         self._in_head = False
-        counters = self.app_state.get(COUNTERS_STATE)
+        counters = getattr(self.config, "wsbroadcast_counters", None)
         if counters is not None:
             name = f"http_rejected_{reason}"
             setattr(counters, name, getattr(counters, name) + 1)

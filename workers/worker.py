@@ -76,6 +76,8 @@ class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker sh
         # reaches uvicorn's server: the base class's handler only flips a flag nothing reads, so
         # workers sat out the graceful timeout and were SIGKILLed.
         self.config.app = self.wsgi
+        # The HTTP protocol counts its rejections in the worker's counters (no per-connection state).
+        self.config.wsbroadcast_counters = getattr(self.wsgi, "counters", None)
         server = Server(config=self.config)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGQUIT, None)
