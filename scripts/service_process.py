@@ -114,9 +114,10 @@ class ServiceProcess:
 
     def __init__(
         self, env: Mapping[str, str], *, log_path: Path | None = None, cwd: Path = ROOT, root: Path = ROOT,
-        own_metrics_dir: bool = True,
+        own_metrics_dir: bool = True, preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.env = dict(env)
+        self.preexec_fn = preexec_fn  # run in the child before gunicorn (a test lowering a limit)
         unset = Settings()  # the defaults the service itself applies to what env leaves unset
         self.workers = int(self.env.get("WEB_CONCURRENCY") or unset.web_concurrency)
         self.redis_url = self.env.get("REDIS_URL") or unset.redis_url
@@ -144,7 +145,7 @@ class ServiceProcess:
         try:
             self.process = subprocess.Popen(
                 args, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
-                stdout=log, stderr=subprocess.STDOUT if log is not None else None,
+                stdout=log, stderr=subprocess.STDOUT if log is not None else None, preexec_fn=self.preexec_fn,
             )
         except OSError:
             self._remove_metrics_dir()

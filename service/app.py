@@ -37,7 +37,7 @@ from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import Metrics
 from service.ratelog import RateLimitedLog
 from service.recovery import Recovery
-from service.tracker import Tracker
+from service.tracker import Counters, Tracker
 
 log = logging.getLogger("wsbroadcast.app")
 
@@ -135,6 +135,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     service: Service = app.state.service
     service.broker.start()
     service.memory.check()
+    service.memory.check_fds()
     tasks = [
         asyncio.create_task(service.tracker.run_sweeps(service.settings.cleanup_interval), name="idle-sweep"),
         asyncio.create_task(service.memory.run(), name="memory"),
@@ -180,10 +181,15 @@ async def publish(request: Request) -> Response:
         return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > settings.max_message_bytes:
-                return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
+        async with asyncio.timeout(settings.body_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > settings.max_message_bytes:
+                    return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
+    except TimeoutError:
+        service.tracker.counters.http_rejected_body_timeout += 1
+        return _problem(408, f"body not received within BODY_TIMEOUT ({settings.body_timeout:g} s)",
+                        {"Connection": "close"})
     except ClientDisconnect:
         ratelog.info("publish_disconnect", "a publisher disconnected before sending its whole body")
         return Response(status_code=400)  # nobody reads it
@@ -303,6 +309,12 @@ class _App(Starlette):
     for handlers that our endpoint does not need (it catches what it expects, and uvicorn logs
     anything else).
     """
+
+    @property
+    def counters(self) -> Counters:
+        """The worker's counters, for the server's protocols (workers/http.py counts its rejections)."""
+        service: Service = self.state.service
+        return service.tracker.counters
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == "/ws":

@@ -114,6 +114,14 @@ class Settings:
     max_channels_per_connection: int = 100
     client_rate_limit: float = 50.0
     client_rate_burst: int = 100
+    client_frame_rate: float = 200.0
+    client_frame_burst: int = 400
+    client_bytes_rate: int = 262144
+    max_header_bytes: int = 16384
+    handshake_timeout: float = 10.0
+    body_timeout: float = 10.0
+    max_handshakes: int = 1000
+    fd_reserve: int = 64
     canary_interval: float = 2.0
     graceful_timeout: float = 10.0
     memory_limit: int = 0
@@ -155,6 +163,11 @@ class Settings:
                 f"IDLE_TIMEOUT ({settings.idle_timeout:g})"
             )
         return settings
+
+    @property
+    def client_bytes_burst(self) -> int:
+        """Bytes a client may send at once: two largest messages (with frame headers) or two seconds' worth."""
+        return max(2 * self.client_bytes_rate, 2 * (self.max_message_bytes + 14))
 
     def public(self) -> dict[str, Any]:
         """The effective settings without secrets, for /health and the logs."""
@@ -217,6 +230,14 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_channels_per_connection": _int(1, 100000),
     "client_rate_limit": _float(0, open_lo=True),
     "client_rate_burst": _int(1),
+    "client_frame_rate": _float(0, open_lo=True),
+    "client_frame_burst": _int(1),
+    "client_bytes_rate": _int(1024),
+    "max_header_bytes": _int(1024, 1024 * 1024),
+    "handshake_timeout": _float(0, 3600, open_lo=True),
+    "body_timeout": _float(0, 3600, open_lo=True),
+    "max_handshakes": _int(1),
+    "fd_reserve": _int(16),
     "canary_interval": _float(0.1, 3600),
     "graceful_timeout": _float(1, 3600),
     "memory_limit": _int(0),

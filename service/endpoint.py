@@ -140,6 +140,12 @@ class _Session:
             # into WebSocketDisconnect) or the connection was closed under us.
             log.debug("connection %d ended: %r", self.conn.id, exc)
         finally:
+            # The protocol closes abusers (1008) and clients that never read its pongs (4008) on its own.
+            verdict = getattr(self.link, "verdict", None)
+            if verdict == "abuse":
+                service.tracker.counters.abuse_closed += 1
+            elif verdict == "slow":
+                service.tracker.counters.slow_closed += 1
             for channel in list(self.conn.channels):
                 self._leave(channel)
             service.tracker.remove(self.conn)

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ from typing import Any
 import psutil
 
 from service.config import Settings
+from service.ratelog import RateLimitedLog
 from service.tracker import Tracker
 
 log = logging.getLogger("wsbroadcast.memory")
+_ratelog = RateLimitedLog(log)
 
 
 def _find_malloc_trim() -> Any:
@@ -195,12 +198,34 @@ class MemoryMonitor:
         room = max(0.0, high - self.baseline)
         self._tracker.memory_limit_connections = int(room // self.per_connection())
 
+    def check_fds(self) -> None:
+        """The connections the file descriptors still allow: RLIMIT_NOFILE - FD_RESERVE - in use.
+
+        Between checks every admitted connection is one more descriptor, which the limit (set as
+        current + room) counts exactly; the reserve covers the rest (HTTP requests, handshakes).
+        """
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            self._tracker.fd_limit_connections = None
+            return
+        try:
+            in_use = self._process.num_fds()
+        except (OSError, psutil.Error) as exc:
+            # Reading /proc takes a descriptor: none left means none for new connections either.
+            self._tracker.fd_limit_connections = self._tracker.current
+            _ratelog.warning("fds", "cannot count file descriptors (%s): refusing new connections", exc)
+            return
+        room = soft - self._settings.fd_reserve - in_use
+        self._tracker.fd_limit_connections = max(0, self._tracker.current + room)
+
     async def run(self, interval: float = 1.0) -> None:
         while True:
             try:
+                self.check_fds()
                 self.check()
-            except psutil.Error as exc:
-                log.warning("memory check failed: %s", exc)
+            except (OSError, psutil.Error) as exc:
+                # Typically out of file descriptors (EMFILE): once a minute, not a traceback a second.
+                _ratelog.warning("check", "memory check failed: %s", exc)
             except Exception:
                 # Admission depends on this loop: it must outlive any one bad check.
                 log.exception("memory check failed; will retry in %.0f s", interval)

@@ -65,6 +65,11 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "holes_filled": ("holes_filled", ()),
     "history_reads": ("history_reads", ()),
     "duplicates": ("duplicate_publications", ()),
+    "http_rejected_headers_too_big": ("http_rejected", ("headers_too_big",)),
+    "http_rejected_head_timeout": ("http_rejected", ("head_timeout",)),
+    "http_rejected_body_timeout": ("http_rejected", ("body_timeout",)),
+    "http_rejected_handshakes_full": ("http_rejected", ("handshakes_full",)),
+    "http_rejected_fds": ("http_rejected", ("fds",)),
 }
 
 _COUNTER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -100,6 +105,11 @@ _COUNTER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
         ("published",),
     ),
     "publish_replays": ("POST /publish answered with the first result of its Idempotency-Key", ()),
+    "http_rejected": (
+        "HTTP requests and handshakes refused by the protocol limits, by reason "
+        "(headers_too_big 431, head_timeout 408, body_timeout 408, handshakes_full 503, fds 503)",
+        ("reason",),
+    ),
 }
 
 
@@ -154,7 +164,8 @@ class Metrics:
         )
         self.worker_connections = worker("connections", "Open WebSocket connections of this worker")
         self.worker_limit = worker(
-            "connections_effective_limit", "Connections this worker admits: min(MAX_CONNECTIONS, what memory allows)"
+            "connections_effective_limit",
+            "Connections this worker admits: min(MAX_CONNECTIONS, what memory and file descriptors allow)",
         )
         self.worker_queue_frames = worker("queue_depth_max_frames", "Frames waiting for this worker's slowest client")
         self.worker_queue_bytes = worker("queue_depth_max_bytes", "Bytes waiting for this worker's slowest client")
@@ -196,6 +207,11 @@ class Metrics:
             "publish_unknown": c.publish_unknown,
             "publish_replays": c.publish_replays,
             **service.recovery.counts(c),
+            "http_rejected_headers_too_big": c.http_rejected_headers_too_big,
+            "http_rejected_head_timeout": c.http_rejected_head_timeout,
+            "http_rejected_body_timeout": c.http_rejected_body_timeout,
+            "http_rejected_handshakes_full": c.http_rejected_handshakes_full,
+            "http_rejected_fds": c.http_rejected_fds,
         }
 
     def sync(self) -> None:

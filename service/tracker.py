@@ -39,6 +39,11 @@ class Counters:
     publish_unknown: int = 0
     publish_replays: int = 0
     token_expired_closed: int = 0
+    http_rejected_headers_too_big: int = 0
+    http_rejected_head_timeout: int = 0
+    http_rejected_body_timeout: int = 0
+    http_rejected_handshakes_full: int = 0
+    http_rejected_fds: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -79,6 +84,9 @@ class Tracker:
         # connections are refused for memory pressure.
         self.memory_limit_connections: int | None = None
         self.memory_pressure = False
+        # Set by the memory monitor too: the connections the file descriptors left allow
+        # (RLIMIT_NOFILE minus FD_RESERVE minus those in use), so that refusing still works.
+        self.fd_limit_connections: int | None = None
 
     @property
     def current(self) -> int:
@@ -86,9 +94,12 @@ class Tracker:
 
     @property
     def effective_limit(self) -> int:
-        if self.memory_limit_connections is None:
-            return self.max_connections
-        return min(self.max_connections, self.memory_limit_connections)
+        limit = self.max_connections
+        if self.memory_limit_connections is not None:
+            limit = min(limit, self.memory_limit_connections)
+        if self.fd_limit_connections is not None:
+            limit = min(limit, self.fd_limit_connections)
+        return limit
 
     def refusal(self) -> str | None:
         """Why a new connection would be refused now, or None when it can be admitted."""

@@ -52,8 +52,17 @@ async def async_wait_until(
 class Service:
     """One service instance: the Procfile's web line under gunicorn, on a free port, stopped by PID."""
 
-    def __init__(self, redis_url: str, workers: int = 2, prefix: str | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        workers: int = 2,
+        prefix: str | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+        **settings: Any,
+    ) -> None:
         self.port = free_port()
+        # Run in the service's process before gunicorn starts (e.g. resource limits).
+        self.preexec_fn = preexec_fn
         self.workers = workers
         self.prefix = prefix or f"t{uuid.uuid4().hex[:8]}:"
         self.redis_url = redis_url
@@ -84,7 +93,9 @@ class Service:
     def start(self, wait: bool = True) -> Service:
         # gunicorn makes and removes its own metrics directory, as deployed: the session's
         # leftover check catches it if it ever stays behind.
-        self._service = ServiceProcess(self.env, log_path=self.log_path, cwd=ROOT, own_metrics_dir=False).start()
+        self._service = ServiceProcess(
+            self.env, log_path=self.log_path, cwd=ROOT, own_metrics_dir=False, preexec_fn=self.preexec_fn
+        ).start()
         if wait:
             self.wait_ready()
         return self

@@ -9,6 +9,21 @@ close path sets one of them.
 
 Each accepted socket's kernel send buffer is capped at SEND_BUFFER_BYTES so a stalled client holds
 at most QUEUE_BYTES + SEND_BUFFER_BYTES.
+
+What one client can make the worker do is bounded here, below the app:
+
+* every frame it sends (control and continuation frames included) is paid for from a
+  ``FrameBudget`` before websockets parses it; an abuser is closed with 1008 "too many frames" and
+  the rest of its input is discarded unparsed, so one read never handles more frames than the
+  budget allows;
+* what we write without the app (pongs) counts against QUEUE_BYTES: over it, the connection gets
+  the slow-consumer close (4008) and we stop reading from it;
+* a fragmented message is kept in one bytearray, so empty continuation frames cost nothing.
+
+``verdict`` tells the endpoint (through the link) why the protocol closed a connection on its own.
+
+This subclasses uvicorn's ``WebSocketsSansIOProtocol`` and relies on its internals (``conn``,
+``frames``, ``handle_*``, ``close_sent``, ``read_paused``, ``close_timer``).
 """
 
 from __future__ import annotations
@@ -21,7 +36,10 @@ from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
 from websockets.http11 import Request
+
+from workers.limits import DEFAULT_LIMITS, FrameBudget, Limits
 
 EXTENSION = "wsbroadcast.direct"
 
@@ -93,11 +111,96 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
     # client must not keep its (bounded) buffers alive for ever, but one that resumes reading in time
     # learns why it was closed (4008).
     close_timeout = 10.0
+    # An abuser has had its close frame (and FIN) at once: it is aborted sooner, as it is not read.
+    abuse_linger = 2.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = _Inbox()  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]
+        self.limits: Limits = getattr(self.config, "wsbroadcast_limits", DEFAULT_LIMITS)
+        self.budget: FrameBudget | None = None
+        self.discarding = False
+        # Why the protocol closed this connection on its own ("abuse", "slow"), for the endpoint's counters.
+        self.verdict: str | None = None
+
+    # --- what a client may send and make us write ----------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
+        if self.handshake_initiated:
+            budget = self.budget
+            if budget is None:
+                budget = self.budget = FrameBudget(self.limits, self.loop.time())
+            if not budget.charge(data, self.loop.time()):
+                self._abuse("too many frames")
+                return
+        super().data_received(data)
+
+    def _abuse(self, reason: str) -> None:
+        """Close 1008 and read nothing more: the client's further input is dropped unparsed."""
+        if not self.handshake_complete:
+            self.transport.abort()
+            return
+        if self.verdict is None and not self.close_sent:
+            self.verdict = "abuse"
+        self.close(1008, reason)
+        self._stop_reading()
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(self.abuse_linger, self.transport.abort)
+
+    def _stop_reading(self) -> None:
+        """Read nothing more from this client: our close frame goes out, then FIN, then the abort timer."""
+        self.discarding = True
+        self.frames = []
+        if not self.transport.is_closing():
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            if not self.read_paused:
+                self.read_paused = True
+                self.transport.pause_reading()
+
+    async def receive(self) -> Any:
+        # As uvicorn's, but reading stays paused once we stopped reading from this client.
+        message = await self.queue.get()
+        if self.read_paused and self.queue.empty() and not self.discarding:
+            self.read_paused = False
+            self.transport.resume_reading()
+        return message
+
+    def handle_ping(self) -> None:
+        if self.discarding:
+            return  # a ping parsed in the same read as the one that stopped us: nothing more is written
+        super().handle_ping()
+        if self.transport.get_write_buffer_size() > self.limits.queue_bytes:
+            # A client that pings and never reads would make us buffer its pongs for ever.
+            if self.verdict is None and not self.close_sent:
+                self.verdict = "slow"
+            self.close(4008, "slow consumer")
+            self._stop_reading()
+
+    def handle_text(self, event: Frame) -> None:
+        self.curr_msg_data_type = "text"
+        self._start_message(event)
+
+    def handle_bytes(self, event: Frame) -> None:
+        self.curr_msg_data_type = "bytes"
+        self._start_message(event)
+
+    def _start_message(self, event: Frame) -> None:
+        # One bytearray per fragmented message (websockets bounds its size by MAX_MESSAGE_BYTES):
+        # a list of fragments would grow by a slot per empty continuation frame.
+        self.frames = [event.data if event.fin else bytearray(event.data)]  # type: ignore[list-item]
+        if event.fin:
+            self.send_receive_event_to_app()
+
+    def handle_cont(self, event: Frame) -> None:
+        if self.frames:
+            self.frames[0] += event.data  # type: ignore[operator]
+        if event.fin:
+            self.send_receive_event_to_app()
 
     def start_keepalive(self) -> None:
         # Called once the handshake response is written: the handshake's request and response

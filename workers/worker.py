@@ -18,6 +18,7 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from service.config import Settings
+from workers.limits import Limits
 from workers.logfilter import ClientLogFilter, RedactingFilter
 
 
@@ -26,7 +27,7 @@ class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker sh
         settings = Settings.from_env()
         self.CONFIG_KWARGS = {
             "loop": "uvloop",
-            "http": "httptools",
+            "http": "workers.http:BroadcastHttpProtocol",
             "ws": "workers.protocol:BroadcastWebSocketProtocol",
             "ws_per_message_deflate": settings.ws_compression,
             "ws_ping_interval": settings.ws_ping_interval or None,
@@ -49,12 +50,15 @@ class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker sh
         ours.setLevel(self.log.error_log.level)
         ours.propagate = False
         self.config.wsbroadcast_send_buffer_bytes = settings.send_buffer_bytes  # type: ignore[attr-defined]
+        self.config.wsbroadcast_limits = Limits.from_settings(settings)  # type: ignore[attr-defined]
 
     async def _serve(self) -> None:
         # As uvicorn_worker's, but gunicorn's quick shutdown (SIGQUIT, sent on SIGINT to the master)
         # reaches uvicorn's server: the base class's handler only flips a flag nothing reads, so
         # workers sat out the graceful timeout and were SIGKILLed.
         self.config.app = self.wsgi
+        # The HTTP protocol counts its rejections in the worker's counters (no per-connection state).
+        self.config.wsbroadcast_counters = getattr(self.wsgi, "counters", None)
         server = Server(config=self.config)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGQUIT, None)
