@@ -24,7 +24,7 @@ from scripts.attack import (
     client_frame,
 )
 from scripts.redis_server import PrivateRedis
-from tests.support import Service, async_wait_until, recv_json, subscribe_client, wait_until, worker_of
+from tests.support import Service, async_wait_until, recv_publication, subscribe_client, wait_until, worker_of
 from workers.limits import DEFAULT_LIMITS, FrameBudget
 
 HOST = "127.0.0.1"
@@ -37,7 +37,7 @@ def _health(service: Service) -> dict:  # type: ignore[type-arg]
 async def _still_receives(service: Service, ws: ClientConnection, channel: str, n: int = 3) -> None:
     for i in range(n):
         assert (await asyncio.to_thread(service.publish, channel, {"i": i})).status_code == 202
-        assert await recv_json(ws, 10) == {"channel": channel, "data": {"i": i}}
+        assert await recv_publication(ws, 10) == {"channel": channel, "data": {"i": i}}
 
 
 def _metric(service: Service, line_start: str) -> float:
