@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio.to_thread
 import orjson
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -77,6 +78,7 @@ class Service:
         self.broker = Broker(settings, self.keys, self.worker_id, self._on_message, self._on_reconnect)
         self.history = History(self.broker.redis, self.keys, settings)
         self.recovery = Recovery(self.history, self.hub)
+        self._library: asyncio.Task[None] | None = None
         self.memory = MemoryMonitor(settings, self.tracker)
         self.metrics = Metrics(self)
         self.hub.on_fanout = self.metrics.observe_fanout
@@ -92,7 +94,22 @@ class Service:
         self.recovery.on_hole(channel, offset, epoch)
 
     def _on_reconnect(self) -> None:
+        # A Redis that restarted without persistence has lost the function library too.
+        self._library = asyncio.get_running_loop().create_task(self.load_library())
         self.recovery.check_all(self.confirmed)
+
+    async def load_library(self) -> None:
+        """Load the publish function into Redis (every publish path also loads it when missing,
+        but a publisher using redis-cli relies on a worker having done it)."""
+        delay = 0.1
+        while True:
+            try:
+                await self.history.load()
+                return
+            except (RedisError, OSError) as exc:
+                ratelog.warning("library", "publish function not loaded into Redis yet: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def confirmed(self, channel: str) -> None:
         """Wait until Redis has confirmed the subscription to ``channel``, however long it takes."""
@@ -141,11 +158,14 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         asyncio.create_task(service.memory.run(), name="memory"),
         asyncio.create_task(service.metrics.run(), name="metrics"),
         asyncio.create_task(service.heartbeat.run(), name="heartbeat"),
+        asyncio.create_task(service.load_library(), name="library"),
     ]
     log.info("worker %s started: %s", service.worker_name, service.settings.public())
     try:
         yield
     finally:
+        if service._library is not None:
+            tasks.append(service._library)
         for task in reversed(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -188,3 +188,30 @@ async def test_an_idempotency_key_makes_a_retry_answer_the_first_result(redis: R
     assert 0 < await redis.pttl(keys.idempotency("c", "order-42")) <= 60_000
     got = await history.read("c", Position(0, first.epoch))
     assert [n for n, _ in got.frames] == [1, 2]  # the retry published nothing
+
+
+async def test_the_readme_redis_cli_call_publishes_recoverably_through_a_running_service(
+    redis_server: PrivateRedis, redis: Redis
+) -> None:
+    from tests.support import Service, async_wait_until, recv_ack, recv_json
+
+    await redis.function_flush()  # as a Redis that restarted empty: the service must load it itself
+    with Service(redis_server.url, workers=1, prefix="readme:") as service:
+        await async_wait_until(lambda: redis.function_list(library="wsbroadcast"), 10, what="the library loaded")
+        process = await asyncio.create_subprocess_exec(
+            str(Path(redis_binary()).with_name("redis-cli")), "-p", str(redis_server.port),
+            "FCALL", "wsb_publish", "2", "readme:meta:{readme:news}", "readme:history:{readme:news}",
+            "readme:news", "news", '{"hello":"world"}', "100", "300000", "2592000000",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 10)
+        replayed, offset, epoch = out.decode().split()[:3]
+        assert (replayed, offset) == ("0", "1"), out
+        ws = await service.connect("?channels=")
+        since = {"offset": 0, "epoch": epoch}
+        await ws.send(orjson.dumps({"op": "subscribe", "channel": "news", "since": since}).decode())
+        frame = await recv_json(ws)
+        assert (frame.get("offset"), frame.get("epoch"), frame.get("data")) == (1, epoch, {"hello": "world"}), frame
+        ack = await recv_ack(ws, "news")
+        assert (ack["recovered"], ack["offset"]) == (True, 1)
+        await ws.close()
