@@ -206,6 +206,9 @@ class Broker:
                 self._attempt_started = None
                 if sender is not None:
                     sender.cancel()
+                    # Awaited, so it is gone before its connection goes back to the pool; a
+                    # cancellation of the listener itself still propagates after the cleanup.
+                    await asyncio.gather(sender, return_exceptions=True)
                 if conn is not None:
                     # nowait: a connection that stopped reading must not stall (or, by raising
                     # from here, end) the listener.

@@ -106,6 +106,7 @@ class _Session:
         direct = bool(extension.get("direct", True))
         self.conn: Connection = service.tracker.admit(self.close)
         self.writer: asyncio.Task[None] | None = None
+        self.closer: asyncio.Task[None] | None = None
         # Subscriptions under way: Redis's confirmation, the position or the recovery read.
         self.joining: dict[str, asyncio.Task[Recovered]] = {}
         self.errors = 0
@@ -327,7 +328,8 @@ class _Session:
         if self.link is not None:
             self.link.close(code, reason)
         else:
-            asyncio.get_running_loop().create_task(self._close_asgi(code, reason))
+            # Kept: a task nobody references may be collected before it runs.
+            self.closer = asyncio.get_running_loop().create_task(self._close_asgi(code, reason))
         return True
 
     async def _close_asgi(self, code: int, reason: str) -> None:
