@@ -55,7 +55,7 @@ def main() -> int:
     except SettingsError as exc:
         _say(f"invalid setting: {exc}")
         return 2
-    host = env.get("BIND_HOST", "0.0.0.0")
+    host = settings.bind_host
     if port_in_use(host, settings.port):
         _say(f"port {settings.port} on {host} is in use: stop what listens there or set PORT to a free port")
         return 1

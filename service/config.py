@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-
-T = TypeVar("T")
 
 
 class SettingsError(ValueError):
@@ -75,6 +73,9 @@ def _text(raw: str) -> str:
     return raw
 
 
+_text.__doc__ = "any text"
+
+
 def _origins(raw: str) -> tuple[str, ...]:
     items = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
     for origin in items:
@@ -85,72 +86,101 @@ def _origins(raw: str) -> tuple[str, ...]:
 
 _origins.__doc__ = "a comma list of origins like https://example.com, or *"
 
-_SECRETS = frozenset({"redis_url", "publish_token", "connect_secret", "admin_token"})
+def _redis_url(raw: str) -> str:
+    if not re.match(r"(rediss?|unix)://", raw):
+        raise ValueError
+    return raw
+
+
+_redis_url.__doc__ = "a redis://, rediss:// or unix:// URL"
+
+
+def _prefix(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", raw):
+        raise ValueError
+    return raw
+
+
+_prefix.__doc__ = "1-64 characters of [A-Za-z0-9_.:-]"
+
+
+_log_level = _choice("critical", "error", "warning", "info", "debug")
+
+
+def setting(default: Any, parse: Callable[[str], Any], meaning: str, *, secret: bool = False) -> Any:
+    """One setting's whole declaration: its default, its parser (whose docstring says what is
+    allowed), what it means and whether it is a secret (never shown)."""
+    return field(default=default, repr=not secret, metadata={"parse": parse, "meaning": meaning, "secret": secret})
 
 
 @dataclass(frozen=True)
 class Settings:
-    port: int = 8000
-    web_concurrency: int = 2
-    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
-    redis_prefix: str = "broadcast:"
-    redis_pool_size: int = 10
-    redis_pool_timeout: float = 5.0
-    max_connections: int = 5000
-    queue_size: int = 1000
-    queue_bytes: int = 1024 * 1024
-    send_buffer_bytes: int = 262144
-    slow_consumer_policy: str = "disconnect"
-    idle_timeout: float = 900.0
-    cleanup_interval: float = 300.0
-    heartbeat_interval: float = 5.0
-    stats_log_interval: float = 60.0
-    max_message_bytes: int = 65536
-    ws_compression: bool = False
-    fast_path: bool = True
-    ws_ping_interval: float = 20.0
-    ws_ping_timeout: float = 20.0
-    default_channel: str = "broadcast"
-    max_channels_per_connection: int = 100
-    client_rate_limit: float = 50.0
-    client_rate_burst: int = 100
-    client_frame_rate: float = 200.0
-    client_frame_burst: int = 400
-    client_bytes_rate: int = 262144
-    max_header_bytes: int = 16384
-    handshake_timeout: float = 10.0
-    body_timeout: float = 10.0
-    max_handshakes: int = 1000
-    fd_reserve: int = 64
-    canary_interval: float = 2.0
-    graceful_timeout: float = 10.0
-    memory_limit: int = 0
-    memory_high_watermark: float = 0.8
-    publish_token: str = field(default="", repr=False)
-    connect_secret: str = field(default="", repr=False)
-    admin_token: str = field(default="", repr=False)
-    allowed_origins: tuple[str, ...] = ()
-    history_size: int = 100
-    history_ttl: float = 300.0
-    history_meta_ttl: float = 30 * 86400.0
-    redis_command_timeout: float = 5.0
-    idempotency_window: float = 300.0
+    """Every setting, each declared once; read from the environment variable of its name in capitals."""
+
+    port: int = setting(8000, _int(1, 65535), "bind port")
+    bind_host: str = setting("0.0.0.0", _text, "bind address")
+    web_concurrency: int = setting(2, _int(1, 512), "gunicorn workers")
+    log_level: str = setting("info", _log_level, "gunicorn's and the workers' log level")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", _redis_url, "the broker", secret=True)
+    redis_prefix: str = setting("broadcast:", _prefix, "prefix of every Redis channel and key")
+    redis_pool_size: int = setting(10, _int(2, 1000), "Redis connections per worker, pub/sub included")
+    redis_pool_timeout: float = setting(5.0, _float(0, 300, open_lo=True), "wait for a pool connection")
+    redis_command_timeout: float = setting(5.0, _float(0, 300, open_lo=True), "wait for Redis's answer")
+    max_connections: int = setting(5000, _int(1), "WebSockets per worker")
+    queue_size: int = setting(1000, _int(1), "frames queued per connection")
+    queue_bytes: int = setting(1024 * 1024, _int(1024), "bytes queued per connection")
+    send_buffer_bytes: int = setting(262144, _int(4096), "kernel send buffer per connection")
+    slow_consumer_policy: str = setting("disconnect", _choice("disconnect", "drop-oldest"), "over the queue bound")
+    idle_timeout: float = setting(900.0, _float(0, open_lo=True), "idle cut-off")
+    cleanup_interval: float = setting(300.0, _float(0, open_lo=True), "idle sweep period")
+    heartbeat_interval: float = setting(5.0, _float(0.1, 3600), "heartbeat to Redis")
+    stats_log_interval: float = setting(60.0, _float(1), "stats log line")
+    max_message_bytes: int = setting(65536, _int(128, 64 * 1024 * 1024), "largest client and published frame")
+    ws_compression: bool = setting(False, _bool, "permessage-deflate")
+    fast_path: bool = setting(True, _bool, "frame-once direct writes")
+    ws_ping_interval: float = setting(20.0, _float(0), "protocol pings (0: off)")
+    ws_ping_timeout: float = setting(20.0, _float(0), "wait for a protocol pong (0: off)")
+    default_channel: str = setting("broadcast", _channel, "channel of a connection without ?channels=")
+    max_channels_per_connection: int = setting(100, _int(1, 100000), "subscriptions per connection")
+    client_rate_limit: float = setting(50.0, _float(0, open_lo=True), "client text frames per second")
+    client_rate_burst: int = setting(100, _int(1), "client text frames at once")
+    client_frame_rate: float = setting(200.0, _float(0, open_lo=True), "client frames of any kind per second")
+    client_frame_burst: int = setting(400, _int(1), "client frames of any kind at once")
+    client_bytes_rate: int = setting(262144, _int(1024), "client bytes per second")
+    max_header_bytes: int = setting(16384, _int(1024, 1024 * 1024), "request line and headers")
+    handshake_timeout: float = setting(10.0, _float(0, 3600, open_lo=True), "time to send a request head")
+    body_timeout: float = setting(10.0, _float(0, 3600, open_lo=True), "time to send a request body")
+    max_handshakes: int = setting(1000, _int(1), "connections still sending their head, per worker")
+    fd_reserve: int = setting(64, _int(16), "file descriptors kept for refusals and health")
+    canary_interval: float = setting(2.0, _float(0.1, 3600), "listener self-check period")
+    graceful_timeout: float = setting(10.0, _float(1, 3600), "shutdown budget")
+    memory_limit: int = setting(0, _int(0), "bytes per worker (0: cgroup or RAM / workers)")
+    memory_high_watermark: float = setting(0.8, _float(0, 1, open_lo=True), "memory pressure threshold")
+    publish_token: str = setting("", _text, "bearer token for POST /publish", secret=True)
+    connect_secret: str = setting("", _text, "require signed connect tokens on /ws", secret=True)
+    admin_token: str = setting("", _text, "bearer token for the health detail", secret=True)
+    allowed_origins: tuple[str, ...] = setting((), _origins, "origins allowed to open /ws")
+    history_size: int = setting(100, _int(0, 100000), "publications kept per channel for recovery")
+    history_ttl: float = setting(300.0, _float(1, 30 * 86400), "how long the history outlives the last publish")
+    history_meta_ttl: float = setting(30 * 86400.0, _float(60, 3650 * 86400), "how long a channel's epoch lives")
+    idempotency_window: float = setting(300.0, _float(1, 7 * 86400), "how long an Idempotency-Key is kept")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read every setting from ``env`` (default ``os.environ``); raise SettingsError on the first bad one."""
         source = os.environ if env is None else env
         values: dict[str, Any] = {}
-        for name, parse in _PARSERS.items():
-            raw = source.get(name.upper())
+        for declared in fields(cls):
+            raw = source.get(declared.name.upper())
             if raw is None:
                 continue
+            parse = declared.metadata["parse"]
             try:
-                values[name] = parse(raw)
+                values[declared.name] = parse(raw)
             except ValueError:
                 allowed = (parse.__doc__ or "").strip()
-                shown = _shown(name, raw)
-                raise SettingsError(f"{name.upper()}={shown} is invalid: expected {allowed}") from None
+                shown = "(hidden)" if declared.metadata["secret"] and declared.name != "redis_url" else _shown(raw)
+                raise SettingsError(f"{declared.name.upper()}={shown} is invalid: expected {allowed}") from None
         settings = cls(**values)
         if settings.history_ttl > settings.history_meta_ttl:
             raise SettingsError(
@@ -172,83 +202,13 @@ class Settings:
     def public(self) -> dict[str, Any]:
         """The effective settings without secrets, for /health and the logs."""
         out = asdict(self)
-        for name in _SECRETS:
-            out[name] = "(set)" if out[name] else "(unset)"
+        for declared in fields(self):
+            if declared.metadata["secret"]:
+                out[declared.name] = "(set)" if out[declared.name] else "(unset)"
         out["allowed_origins"] = list(self.allowed_origins)
         return out
 
 
-def _shown(name: str, raw: str) -> str:
-    """The value as an error message may show it: secrets hidden, a URL's password masked."""
-    if name in ("publish_token", "connect_secret", "admin_token"):
-        return "(hidden)"
-    if name == "redis_url":
-        raw = re.sub(r"://([^@/]*)@", "://***@", raw)
-    return repr(raw)
-
-
-def _redis_url(raw: str) -> str:
-    if not re.match(r"(rediss?|unix)://", raw):
-        raise ValueError
-    return raw
-
-
-_redis_url.__doc__ = "a redis://, rediss:// or unix:// URL"
-
-
-def _prefix(raw: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", raw):
-        raise ValueError
-    return raw
-
-
-_prefix.__doc__ = "1-64 characters of [A-Za-z0-9_.:-]"
-
-
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "port": _int(1, 65535),
-    "web_concurrency": _int(1, 512),
-    "redis_url": _redis_url,
-    "redis_prefix": _prefix,
-    "redis_pool_size": _int(2, 1000),
-    "redis_pool_timeout": _float(0, 300, open_lo=True),
-    "max_connections": _int(1),
-    "queue_size": _int(1),
-    "queue_bytes": _int(1024),
-    "send_buffer_bytes": _int(4096),
-    "slow_consumer_policy": _choice("disconnect", "drop-oldest"),
-    "idle_timeout": _float(0, open_lo=True),
-    "cleanup_interval": _float(0, open_lo=True),
-    "heartbeat_interval": _float(0.1, 3600),
-    "stats_log_interval": _float(1),
-    "max_message_bytes": _int(128, 64 * 1024 * 1024),
-    "ws_compression": _bool,
-    "fast_path": _bool,
-    "ws_ping_interval": _float(0),
-    "ws_ping_timeout": _float(0),
-    "default_channel": _channel,
-    "max_channels_per_connection": _int(1, 100000),
-    "client_rate_limit": _float(0, open_lo=True),
-    "client_rate_burst": _int(1),
-    "client_frame_rate": _float(0, open_lo=True),
-    "client_frame_burst": _int(1),
-    "client_bytes_rate": _int(1024),
-    "max_header_bytes": _int(1024, 1024 * 1024),
-    "handshake_timeout": _float(0, 3600, open_lo=True),
-    "body_timeout": _float(0, 3600, open_lo=True),
-    "max_handshakes": _int(1),
-    "fd_reserve": _int(16),
-    "canary_interval": _float(0.1, 3600),
-    "graceful_timeout": _float(1, 3600),
-    "memory_limit": _int(0),
-    "memory_high_watermark": _float(0, 1, open_lo=True),
-    "publish_token": _text,
-    "connect_secret": _text,
-    "admin_token": _text,
-    "allowed_origins": _origins,
-    "history_size": _int(0, 100000),
-    "history_ttl": _float(1, 30 * 86400),
-    "history_meta_ttl": _float(60, 3650 * 86400),
-    "redis_command_timeout": _float(0, 300, open_lo=True),
-    "idempotency_window": _float(1, 7 * 86400),
-}
+def _shown(raw: str) -> str:
+    """The value as an error message may show it: a URL's password masked."""
+    return repr(re.sub(r"://([^@/]*)@", "://***@", raw))

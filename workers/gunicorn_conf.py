@@ -49,7 +49,7 @@ _nofile = _raise_nofile(_settings.max_connections + _settings.fd_reserve)
 # Before any worker forks: every worker inherits the directory of the host's metric files.
 _metrics_dir = metrics_dir.prepare(_settings.port)
 
-bind = [f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{_settings.port}"]
+bind = [f"{_settings.bind_host}:{_settings.port}"]
 workers = _settings.web_concurrency
 worker_class = "workers.worker.BroadcastWorker"
 graceful_timeout = int(_settings.graceful_timeout)
@@ -60,7 +60,7 @@ keepalive = 5
 control_socket_disable = True
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info")
+loglevel = _settings.log_level
 proc_name = f"wsbroadcast:{_settings.port}"
 
 
