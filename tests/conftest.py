@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis as AsyncRedis
 
 from scripts.redis_server import PrivateRedis
 
@@ -55,3 +56,13 @@ def own_redis() -> Iterator[PrivateRedis]:
     """A Redis of this test's own, which it may stop and restart (fault tests)."""
     with PrivateRedis() as server:
         yield server
+
+
+@pytest.fixture
+async def redis(redis_server: PrivateRedis) -> AsyncIterator[AsyncRedis]:
+    """An asyncio client of the session's Redis."""
+    client = AsyncRedis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

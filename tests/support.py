@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import orjson
@@ -19,6 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from scripts.redis_server import free_port
 from scripts.service_process import ServiceError, ServiceProcess
+from service.outbound import Message
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin"  # every test service's ADMIN_TOKEN; Service.get sends it for the health paths
@@ -196,3 +197,25 @@ async def clients_on_both_workers(service: Service, channels: str, minimum: int 
         if len(clients) >= minimum and len({worker_of(ws) for ws in clients}) == 2:
             return clients
     raise AssertionError("200 clients all landed on one worker")
+
+
+class Recorder:
+    """An outbound path that keeps what the hub offers it, for tests of the hub and recovery."""
+
+    direct: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    def offer(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def depth(self) -> tuple[int, int]:
+        return 0, 0
+
+    def frames(self) -> list[Any]:
+        return [orjson.loads(text) for m in self.messages for text in m.texts]
+
+    def seen(self) -> list[Any]:
+        """Each frame as its offset, or ("gap", offset, epoch)."""
+        return [("gap", f["offset"], f["epoch"]) if f.get("op") == "gap" else f["offset"] for f in self.frames()]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -18,15 +17,6 @@ from service.history import History, Position
 from service.keys import Keys
 from service.publication import InvalidPublication
 from service.publisher import IdempotencyConflict, Published, publish
-
-
-@pytest.fixture
-async def redis(redis_server: PrivateRedis) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 class _Rig:

@@ -3,45 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
 
 from service import hub as hub_module
 from service.hub import Hub
-from service.outbound import Message
-
-
-class _Collect:
-    direct: ClassVar[bool] = False
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    def offer(self, message: Message) -> None:
-        self.messages.append(message)
-
-    def depth(self) -> tuple[int, int]:
-        return 0, 0
-
-    def frames(self) -> list[Any]:
-        return [orjson.loads(text) for m in self.messages for text in m.texts]
+from tests.support import Recorder
 
 
 def _frame(offset: int, epoch: str = "E", channel: str = "c") -> bytes:
     return orjson.dumps({"channel": channel, "offset": offset, "epoch": epoch, "data": offset})
 
 
-def _seen(out: _Collect) -> list[Any]:
-    """Each frame as an offset, or ("gap", offset, epoch)."""
-    return [("gap", f["offset"], f["epoch"]) if f.get("op") == "gap" else f["offset"] for f in out.frames()]
-
-
 class _Wired:
     def __init__(self, position: tuple[int, str] | None = (0, "E")) -> None:
         self.holes: list[tuple[str, int, str]] = []
         self.hub = Hub(lambda c: None, lambda c: None, on_hole=lambda *hole: self.holes.append(hole))
-        self.out = _Collect()
+        self.out = Recorder()
         self.hub.add("c", self.out)
         if position is not None:
             self.hub.set_position("c", *position)
@@ -57,21 +36,21 @@ async def test_publications_in_order_pass_and_duplicates_are_dropped() -> None:
     w = _Wired()
     w.publish(1, 2, 2, 1, 3)
     await asyncio.sleep(0)
-    assert _seen(w.out) == [1, 2, 3]
+    assert w.out.seen() == [1, 2, 3]
     assert w.hub.duplicates == 2 and w.holes == []
 
 
 async def test_a_parked_listener_receives_nothing_until_activated_then_everything_after_its_position() -> None:
     w = _Wired()
-    late = _Collect()
+    late = Recorder()
     w.hub.add("c", late)
     w.publish(1, 2)
     assert w.hub.position("c") == (2, "E")  # flushes what waited for the loop
     w.hub.activate("c", late)
     w.publish(3)
     await asyncio.sleep(0)
-    assert _seen(w.out) == [1, 2, 3]
-    assert _seen(late) == [3]
+    assert w.out.seen() == [1, 2, 3]
+    assert late.seen() == [3]
     assert w.hub.channels() == {"c": 2}
 
 
@@ -80,10 +59,10 @@ async def test_until_the_position_is_known_publications_are_held_and_those_befor
     w.publish(4, 5, 6)
     assert w.hub.position("c") is None
     await asyncio.sleep(0)
-    assert _seen(w.out) == []
+    assert w.out.seen() == []
     w.hub.set_position("c", 5, "E")
     await asyncio.sleep(0)
-    assert _seen(w.out) == [6]
+    assert w.out.seen() == [6]
 
 
 async def test_a_hole_is_read_once_and_filled_before_what_followed_it() -> None:
@@ -92,11 +71,11 @@ async def test_a_hole_is_read_once_and_filled_before_what_followed_it() -> None:
     w.publish(6)
     assert w.holes == [("c", 1, "E")]
     await asyncio.sleep(0)
-    assert _seen(w.out) == [1]
+    assert w.out.seen() == [1]
     w.hub.fill("c", "E", 5, [(2, _frame(2)), (3, _frame(3)), (4, _frame(4)), (5, _frame(5))])
     w.publish(7)
     await asyncio.sleep(0)
-    assert _seen(w.out) == [1, 2, 3, 4, 5, 6, 7]
+    assert w.out.seen() == [1, 2, 3, 4, 5, 6, 7]
     assert w.hub.holes == 1 and w.hub.gaps == 0
 
 
@@ -105,7 +84,7 @@ async def test_what_the_history_no_longer_holds_is_one_gap_then_delivery_goes_on
     w.publish(1, 5, 6)
     w.hub.fill("c", "E", 6, [(4, _frame(4)), (5, _frame(5)), (6, _frame(6))])
     await asyncio.sleep(0)
-    assert _seen(w.out) == [1, ("gap", 3, "E"), 4, 5, 6]
+    assert w.out.seen() == [1, ("gap", 3, "E"), 4, 5, 6]
     assert w.hub.gaps == 1
 
 
@@ -116,7 +95,7 @@ async def test_publications_lost_while_a_hole_is_read_make_another_read() -> Non
     assert w.holes == [("c", 1, "E"), ("c", 3, "E")]
     w.hub.fill("c", "E", 9, [(n, _frame(n)) for n in range(4, 10)])
     await asyncio.sleep(0)
-    assert _seen(w.out) == list(range(1, 10))
+    assert w.out.seen() == list(range(1, 10))
 
 
 async def test_a_new_epoch_is_a_gap_and_the_new_lifetime_is_read_from_its_start() -> None:
@@ -127,7 +106,7 @@ async def test_a_new_epoch_is_a_gap_and_the_new_lifetime_is_read_from_its_start(
     assert w.holes == [("c", 1, "F")]
     w.hub.fill("c", "F", 3, [(2, _frame(2, "F"))])
     await asyncio.sleep(0)
-    assert _seen(w.out) == [1, 2, ("gap", 0, "F"), 1, 2, 3]
+    assert w.out.seen() == [1, 2, ("gap", 0, "F"), 1, 2, 3]
     assert w.hub.position("c") == (3, "F")
 
 
@@ -140,7 +119,7 @@ async def test_a_reconnect_check_delivers_what_the_worker_missed_without_a_gap()
     w.publish(4)  # held while the read is under way
     w.hub.fill("c", "E", 3, [(2, _frame(2)), (3, _frame(3))])
     await asyncio.sleep(0)
-    assert _seen(w.out) == [1, 2, 3, 4] and w.hub.gaps == 0
+    assert w.out.seen() == [1, 2, 3, 4] and w.hub.gaps == 0
 
 
 async def test_frames_without_an_offset_pass_as_they_are() -> None:
@@ -155,8 +134,8 @@ async def test_a_hole_held_past_its_bound_is_given_up_as_a_gap(monkeypatch: Any)
     w = _Wired()
     w.publish(1, 3, 4, 5, 6)
     await asyncio.sleep(0)
-    assert _seen(w.out) == [1, ("gap", 2, "E"), 3, 4, 5, 6]
+    assert w.out.seen() == [1, ("gap", 2, "E"), 3, 4, 5, 6]
     w.hub.fill("c", "E", 6, [(2, _frame(2))])  # the read that came too late changes nothing
     w.publish(7)
     await asyncio.sleep(0)
-    assert _seen(w.out)[-1] == 7 and w.hub.duplicates == 0
+    assert w.out.seen()[-1] == 7 and w.hub.duplicates == 0

@@ -4,38 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
-import pytest
 from redis.asyncio import Redis
 
-from scripts.redis_server import PrivateRedis
 from service.config import Settings
 from service.history import History, Position
 from service.hub import Hub
 from service.keys import Keys
-from service.outbound import Message
 from service.publisher import publish
 from service.recovery import Recovery
-
-
-class _Collect:
-    direct: ClassVar[bool] = False
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    def offer(self, message: Message) -> None:
-        self.messages.append(message)
-
-    def depth(self) -> tuple[int, int]:
-        return 0, 0
-
-    def seen(self) -> list[Any]:
-        frames = [orjson.loads(text) for m in self.messages for text in m.texts]
-        return [("gap", f["offset"]) if f.get("op") == "gap" else f["offset"] for f in frames]
+from tests.support import Recorder
 
 
 class _Worker:
@@ -48,7 +28,7 @@ class _Worker:
         self.history = History(redis, self.keys, self.settings)
         self.hub = Hub(lambda c: None, lambda c: None, on_hole=self._on_hole)
         self.recovery = Recovery(self.history, self.hub)
-        self.out = _Collect()
+        self.out = Recorder()
         self.frames: dict[int, bytes] = {}
 
     def _on_hole(self, channel: str, offset: int, epoch: str) -> None:
@@ -81,16 +61,9 @@ class _Worker:
             self.hub.publish("c", self.frames[offset], offset, epoch)
 
 
-@pytest.fixture
-async def redis(redis_server: PrivateRedis) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
-async def _settled(out: _Collect, expected: list[Any]) -> None:
+async def _settled(out: Recorder, expected: list[Any]) -> None:
     for _ in range(500):
         if out.seen() == expected:
             return
@@ -121,7 +94,7 @@ async def test_what_the_history_no_longer_holds_reaches_the_listeners_as_a_gap(r
     await w.start()
     epoch = await w.publish(8)
     w.deliver(1, 8, epoch=epoch)
-    await _settled(w.out, [1, ("gap", 5), 6, 7, 8])
+    await _settled(w.out, [1, ("gap", 5, epoch), 6, 7, 8])
 
 
 async def test_two_thousand_clients_recovering_one_channel_cost_a_handful_of_reads(redis: Redis) -> None:
@@ -158,7 +131,7 @@ async def test_a_joining_client_gets_what_it_missed_then_its_ack_then_live_ones_
     await w.start()
     epoch = await w.publish(6)
     w.deliver(1, 2, 3, 4, 5, epoch=epoch)
-    late, fresh = _Collect(), _Collect()
+    late, fresh = Recorder(), Recorder()
     recovered = await w.recovery.join("c", late, Position(2, epoch), _confirmed)
     joined = await w.recovery.join("c", fresh, None, _confirmed)
     w.deliver(6, epoch=epoch)

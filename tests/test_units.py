@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import ClassVar
 
 import pytest
 from websockets.frames import Frame, Opcode
@@ -12,6 +11,7 @@ from websockets.streams import StreamReader
 from service.config import Settings, SettingsError
 from service.outbound import Bounds, Message, QueueOutbound, ws_text_frame
 from service.tracker import Counters, Tracker
+from tests.support import Recorder
 
 
 def test_defaults_match_the_design() -> None:
@@ -155,25 +155,12 @@ def test_idle_rule_counts_publications_on_the_clients_channels() -> None:
     assert tracker.idle_connections(now=115.0) == [quiet, listener]
 
 
-class _Collect:
-    direct: ClassVar[bool] = False
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    def offer(self, message: Message) -> None:
-        self.messages.append(message)
-
-    def depth(self) -> tuple[int, int]:
-        return 0, 0
-
-
 async def test_hub_batches_what_arrives_together_and_flushes_on_the_next_iteration() -> None:
     from service.hub import Hub
 
     firsts: list[str] = []
     hub = Hub(firsts.append, lambda c: None, queue_frames=8, queue_bytes=1 << 20)  # batches of at most 2
-    out = _Collect()
+    out = Recorder()
     hub.add("c", out)
     hub.activate("c", out)
     assert firsts == ["c"]
