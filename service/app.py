@@ -2,17 +2,19 @@
 
 Start-up builds, in order: tracker, hub, broker (pool + listener), memory monitor, metrics,
 heartbeat; shutdown tears them down in reverse. HTTP routes: POST /publish, GET /health,
-GET /health/cluster, GET /metrics.
+GET /health/cluster, GET /metrics, GET /client.js.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -194,6 +196,16 @@ class _App(Starlette):
         await super().__call__(scope, receive, send)
 
 
+@functools.cache
+def _static(name: str) -> bytes:
+    return (Path(__file__).parent / "static" / name).read_bytes()
+
+
+async def client_js(request: Request) -> Response:
+    # no-cache: browsers revalidate, so a deploy's new client reaches them.
+    return Response(_static("client.js"), media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = Settings.from_env() if settings is None else settings
     app = _App(
@@ -202,6 +214,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/health", worker_health),
             Route("/health/cluster", cluster_health),
             Route("/metrics", metrics),
+            Route("/client.js", client_js),
         ],
         lifespan=_lifespan,
     )
