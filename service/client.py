@@ -25,6 +25,7 @@ import inspect
 import logging
 import random
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -155,6 +156,8 @@ class Subscriber:
         self.state: State = "disconnected"
         self.duplicates = 0  # publications dropped as already delivered
         self.connects = 0
+        self.retry_in = 0.0  # the delay before the next connect attempt
+        self.worker: str | None = None  # host:pid of the worker holding the connection, as the server names it
         self._queue_size = events
         self._channels: dict[str, Position] = {}
         self._listeners: dict[str, list[Callable[..., Any]]] = {}
@@ -211,9 +214,15 @@ class Subscriber:
         self.token = token
         await self._send({"op": "refresh", "token": token})
 
-    async def __aiter__(self) -> AsyncIterator[Event]:
+    def __aiter__(self) -> AsyncIterator[Event]:
+        """Every event from now on. Registered at once (before the first await), so an iterator
+        started right after ``async with`` sees the first ``connecting``; it holds up the reading
+        of the socket while full, and an abandoned one is unregistered when collected."""
         queue: asyncio.Queue[Event] = asyncio.Queue(self._queue_size)
         self._queues.append(queue)
+        return self._iterate(queue)
+
+    async def _iterate(self, queue: asyncio.Queue[Event]) -> AsyncIterator[Event]:
         try:
             while True:
                 yield await queue.get()
@@ -253,8 +262,9 @@ class Subscriber:
             self._ws = None
             if self._closed:
                 return
+            self.retry_in = self._delay() if delay is None else delay
             await self._set_state("disconnected")
-            await asyncio.sleep(self._delay() if delay is None else delay)
+            await asyncio.sleep(self.retry_in)
 
     async def _refused(self, exc: InvalidStatus) -> float | None:
         response = exc.response
@@ -272,12 +282,13 @@ class Subscriber:
     def _url(self, token: Any) -> str:
         # Subscribe with ops, not at connect, so that each subscribe can carry its since.
         url = self.url + ("&" if "?" in self.url else "?") + "channels="
-        return url + f"&token={token}" if token else url
+        return url + "&token=" + urllib.parse.quote(str(token), safe="") if token else url
 
     async def _session(self, ws: ClientConnection) -> tuple[int, str]:
         opened = time.monotonic()
         self._ws = ws
         self.connects += 1
+        self.worker = ws.response.headers.get("x-wsbroadcast-worker") if ws.response is not None else None
         channels = list(self._channels.items())
         await self._set_state("connected")
         for channel, position in channels:
