@@ -202,8 +202,10 @@ def _static(name: str) -> bytes:
 
 
 async def client_js(request: Request) -> Response:
-    # no-cache: browsers revalidate, so a deploy's new client reaches them.
-    return Response(_static("client.js"), media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+    # no-cache: browsers revalidate, so a deploy's new client reaches them; any origin's page may
+    # import it (a module script from another origin needs CORS).
+    headers = {"Cache-Control": "no-cache", "Access-Control-Allow-Origin": "*"}
+    return Response(_static("client.js"), media_type="text/javascript", headers=headers)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

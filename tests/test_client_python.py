@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from scripts.redis_server import PrivateRedis
 from service.client import Gap, Position, Publication, ServerError, StateChange, Subscribed, Subscriber
 from service.gate import mint_token
-from tests.support import Service, async_wait_until, wait_until
+from tests.support import Service, SteadyPublisher, async_wait_until, reload_workers
 
 
 async def until(condition: Any, timeout: float = 30.0, what: str = "") -> Any:
@@ -46,51 +44,6 @@ class Recorder:
 
     def acked(self, channel: str, count: int = 1) -> bool:
         return sum(a.channel == channel for a in self.acks) >= count
-
-
-class SteadyPublisher(threading.Thread):
-    """Publishes 0, 1, 2, ... on a channel every ``interval`` until stopped; a failed publish is retried."""
-
-    def __init__(self, service: Service, channel: str, interval: float = 0.02) -> None:
-        super().__init__(daemon=True)
-        self.service, self.channel, self.interval = service, channel, interval
-        self.published: list[int] = []
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        seq = 0
-        with httpx.Client(timeout=10) as http:
-            while not self.stopping.wait(self.interval):
-                try:
-                    response = http.post(
-                        self.service.base + "/publish",
-                        json={"channel": self.channel, "data": seq},
-                        headers={"Authorization": "Bearer test-token"},
-                    )
-                except httpx.HTTPError:
-                    continue
-                if response.status_code == 202:
-                    self.published.append(seq)
-                    seq += 1
-
-    def stop(self) -> list[int]:
-        self.stopping.set()
-        self.join(30)
-        return self.published
-
-
-def reload_workers(service: Service) -> None:
-    """SIGHUP: gunicorn starts new workers and stops every old one (close 1012)."""
-    assert service.process is not None
-    old = service.worker_pids()
-    os.kill(service.process.pid, signal.SIGHUP)
-    wait_until(
-        lambda: (pids := service.worker_pids()) and not pids & old and len(pids) == service.workers,
-        60,
-        interval=0.1,
-        what="every worker replaced",
-    )
-    service.wait_ready(60)
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +152,9 @@ async def test_reconnects_and_resubscribes_after_a_reload(service: Service) -> N
 
 
 async def test_nothing_missing_or_twice_across_a_reload(service: Service) -> None:
-    # Needs the server's recovery: the subscribe after the reconnect carries since.
-    async with subscriber(service) as sub:
+    # Needs the server's recovery: the subscribe after the reconnect carries since. The first
+    # reconnect waits up to a second, so without recovery publications are surely missed.
+    async with subscriber(service, min_delay=1.0) as sub:
         record = Recorder(sub)
         sub.subscribe("py-steady", record.handler)
         await until(lambda: record.acked("py-steady"), what="subscribed")
