@@ -1,16 +1,18 @@
 """The browser client (GET /client.js) in real Chromium: the README's example page, driven by Playwright.
 
-The page is the README's, byte for byte but for the service's address, served to the browser by
-Playwright from another origin (as an app's page would be), so the module import and the
-WebSocket both cross origins like they do in production.
+The page is the README's, byte for byte but for the service's address, served by a tiny static
+server on 127.0.0.1 of its own (another origin, as an app's page would be), so the module import
+and the WebSocket both cross origins like they do in production.
 """
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,19 @@ from typing import Any
 import pytest
 from playwright.sync_api import BrowserContext, Page, Playwright, sync_playwright
 
-from scripts.redis_server import PrivateRedis, free_port
+from scripts.redis_server import PrivateRedis
 from tests.support import ROOT, Service, SteadyPublisher, reload_workers, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 TIMEOUT_MS = 30_000
 
@@ -58,6 +66,15 @@ def browser(playwright: Playwright) -> Iterator[BrowserContext]:
 
 
 @pytest.fixture(scope="module")
+def pages() -> Iterator[StaticPages]:
+    static = StaticPages()
+    try:
+        yield static
+    finally:
+        static.close()
+
+
+@pytest.fixture(scope="module")
 def screenshots() -> Path:
     path = Path(os.environ.get("WSBROADCAST_SCREENSHOTS") or tempfile.mkdtemp(prefix="wsbroadcast-screenshots-"))
     path.mkdir(parents=True, exist_ok=True)
@@ -77,15 +94,49 @@ def service(redis_server: PrivateRedis) -> Iterator[Service]:
         yield svc
 
 
-def open_example(browser: BrowserContext, service: Service) -> Page:
+class _Pages(http.server.ThreadingHTTPServer):
+    """Serves the one page it was last given, at /example.html."""
+
+    daemon_threads = True
+    html = b""
+
+
+class _PageHandler(http.server.BaseHTTPRequestHandler):
+    server: _Pages
+
+    def do_GET(self) -> None:
+        found = self.path == "/example.html"
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.end_headers()
+        self.wfile.write(self.server.html if found else b"not found\n")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class StaticPages:
+    def __init__(self) -> None:
+        self.server = _Pages(("127.0.0.1", 0), _PageHandler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def serve(self, html: str) -> str:
+        self.server.html = html.encode()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/example.html"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def open_example(browser: BrowserContext, pages: StaticPages, service: Service) -> Page:
     page = browser.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    origin = f"http://127.0.0.1:{free_port()}"  # nothing listens there: Playwright answers
-    html = example_page(service)
-    page.route(f"{origin}/example.html", lambda route: route.fulfill(body=html, content_type="text/html"))
-    page.goto(f"{origin}/example.html")
+    page.goto(pages.serve(example_page(service)))
     page.wait_for_function("window.client && window.client.state === 'connected'")
     assert not errors, errors
     return page
@@ -117,12 +168,12 @@ def record(page: Page, channel: str) -> None:
 
 
 def test_example_page_gets_every_publication_in_order(
-    browser: BrowserContext, service: Service, screenshots: Path, capsys: pytest.CaptureFixture[str]
+    browser: BrowserContext, pages: StaticPages, service: Service, screenshots: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     response = service.get("/client.js")
     assert response.headers["content-type"].startswith("text/javascript")
     assert response.headers["access-control-allow-origin"] == "*"
-    page = open_example(browser, service)
+    page = open_example(browser, pages, service)
     flowing(page, service)
     for i in range(30):
         assert service.publish("news", {"n": i}).status_code == 202
@@ -136,8 +187,8 @@ def test_example_page_gets_every_publication_in_order(
     page.close()
 
 
-def test_channel_subscribed_after_connect(browser: BrowserContext, service: Service) -> None:
-    page = open_example(browser, service)
+def test_channel_subscribed_after_connect(browser: BrowserContext, pages: StaticPages, service: Service) -> None:
+    page = open_example(browser, pages, service)
     record(page, "late")
     for i in range(10):
         service.publish("late", i)
@@ -146,9 +197,11 @@ def test_channel_subscribed_after_connect(browser: BrowserContext, service: Serv
     page.close()
 
 
-def test_duplicates_dropped_and_resubscribe_carries_since(browser: BrowserContext, service: Service) -> None:
+def test_duplicates_dropped_and_resubscribe_carries_since(
+    browser: BrowserContext, pages: StaticPages, service: Service
+) -> None:
     # Frames fed to the client as if from the server, then a reconnect: what it sends.
-    page = open_example(browser, service)
+    page = open_example(browser, pages, service)
     sent: list[str] = []
     page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(str(payload))))
     record(page, "dups")
@@ -178,10 +231,12 @@ def test_duplicates_dropped_and_resubscribe_carries_since(browser: BrowserContex
     page.close()
 
 
-def test_reload_under_a_steady_publisher_loses_nothing(browser: BrowserContext, service: Service) -> None:
+def test_reload_under_a_steady_publisher_loses_nothing(
+    browser: BrowserContext, pages: StaticPages, service: Service
+) -> None:
     # Needs the server's recovery (offsets, since): until then publications are missed, and
     # arrive without offsets.
-    page = open_example(browser, service)
+    page = open_example(browser, pages, service)
     page.evaluate("client.options.minDelay = 1000")  # the first reconnect waits up to a second
     record(page, "steady")
     publisher = SteadyPublisher(service, "steady")
@@ -206,11 +261,15 @@ def test_reload_under_a_steady_publisher_loses_nothing(browser: BrowserContext, 
 
 
 def test_gap_reported_after_redis_lost_its_data(
-    browser: BrowserContext, own_redis: PrivateRedis, screenshots: Path, capsys: pytest.CaptureFixture[str]
+    browser: BrowserContext,
+    pages: StaticPages,
+    own_redis: PrivateRedis,
+    screenshots: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Needs the server's offsets and epochs: a restarted Redis starts a new epoch, a gap.
     with Service(own_redis.url, workers=1) as svc:
-        page = open_example(browser, svc)
+        page = open_example(browser, pages, svc)
         record(page, "updates")
         for i in range(3):
             svc.publish("updates", i)
@@ -231,4 +290,3 @@ def test_gap_reported_after_redis_lost_its_data(
             save(page, screenshots, "example-page-gap", capsys)
         assert page.evaluate("window.gaps[0][0]") == "updates"
         page.close()
-
