@@ -131,9 +131,11 @@ export class WsBroadcast {
   _opened(ws) {
     if (ws !== this._ws) return;
     this._openedAt = Date.now();
+    // Every channel in one go, each from where it stopped; one that a "connected" listener adds
+    // is sent by subscribe() itself.
+    const channels = [...this._channels];
     this._setState("connected");
-    // Every channel in one go, each from where it stopped.
-    for (const [channel, entry] of this._channels) {
+    for (const [channel, entry] of channels) {
       const op = { op: "subscribe", channel };
       if (entry.offset !== null && entry.epoch !== null) op.since = { offset: entry.offset, epoch: entry.epoch };
       this._send(op);
