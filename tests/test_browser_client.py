@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -229,6 +230,26 @@ def test_duplicates_dropped_and_resubscribe_carries_since(
     resubscribes = [f for f in sent if '"subscribe"' in f]
     assert '{"op":"subscribe","channel":"dups","since":{"offset":4,"epoch":"e2"}}' in resubscribes
     assert {json.loads(f)["channel"] for f in resubscribes[-2:]} == {"news", "dups"}  # every channel, at once
+    page.close()
+
+
+def test_missing_pong_means_a_dead_connection(browser: BrowserContext, pages: StaticPages, service: Service) -> None:
+    # Frozen workers keep the TCP connection open but answer nothing: only the ping notices.
+    page = open_example(browser, pages, service)
+    record(page, "frozen")
+    page.evaluate("() => { client.options.pingInterval = 500; client.options.pongTimeout = 1500; }")
+    page.evaluate("client._startPings()")
+    frozen = service.worker_pids()
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        page.wait_for_function("window.states.includes('disconnected')")
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    page.wait_for_function("states[states.length - 1] === 'connected' && acks >= 2", timeout=60_000)
+    service.publish("frozen", "thawed")
+    page.wait_for_function("got.some((row) => row[0] === 'thawed')")
     page.close()
 
 

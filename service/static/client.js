@@ -151,7 +151,7 @@ export class WsBroadcast {
       return; // not ours to handle: the server only sends JSON
     }
     if (frame.op === undefined) this._publication(frame);
-    else if (frame.op === "pong") clearTimeout(this._pongTimer);
+    else if (frame.op === "pong") this._pong();
     else if (frame.op === "subscribed") this._subscribed(frame);
     else if (frame.op === "gap") this._gap(frame.channel, frame, "gap");
     else if (frame.op === "error") this._emit("error", { error: frame.error, detail: frame.detail });
@@ -233,15 +233,20 @@ export class WsBroadcast {
   _startPings() {
     this._stopPings();
     this._pingTimer = setInterval(() => {
+      if (this._pongTimer !== null) return; // still waiting for the last pong: its deadline holds
       this._send({ op: "ping" });
-      clearTimeout(this._pongTimer);
       this._pongTimer = setTimeout(() => this._dead(), this.options.pongTimeout);
     }, this.options.pingInterval);
   }
 
+  _pong() {
+    clearTimeout(this._pongTimer);
+    this._pongTimer = null;
+  }
+
   _stopPings() {
     clearInterval(this._pingTimer);
-    clearTimeout(this._pongTimer);
+    this._pong();
   }
 
   _dead() {
