@@ -233,6 +233,19 @@ def test_duplicates_dropped_and_resubscribe_carries_since(
     page.close()
 
 
+def test_policy_close_is_reported_and_not_retried_soon(
+    browser: BrowserContext, pages: StaticPages, service: Service
+) -> None:
+    page = open_example(browser, pages, service)
+    record(page, "abuse")
+    page.evaluate("() => { window.errors = []; client.on('error', (e) => errors.push(e)); }")
+    page.evaluate("() => { for (let i = 0; i < 12; i++) client._ws.send('not json'); }")  # closed with 1008
+    page.wait_for_function("errors.some((e) => e.code === 1008) && client.state === 'disconnected'")
+    assert page.evaluate("client.retryIn") >= 30_000
+    assert "too_many_errors" in page.evaluate("errors.map((e) => e.error).join()")
+    page.close()
+
+
 def test_missing_pong_means_a_dead_connection(browser: BrowserContext, pages: StaticPages, service: Service) -> None:
     # Frozen workers keep the TCP connection open but answer nothing: only the ping notices.
     page = open_example(browser, pages, service)

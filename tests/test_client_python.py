@@ -214,6 +214,15 @@ async def test_refused_token_is_reported_and_not_retried_soon(redis_server: Priv
             await until(lambda: record.data.get("py-auth") == ["ok"], what="a publication")
 
 
+async def test_full_worker_is_retried_after_its_retry_after(redis_server: PrivateRedis) -> None:
+    with Service(redis_server.url, workers=1, max_connections=1) as svc:
+        async with await svc.connect("?channels="):  # the one connection it takes
+            async with subscriber(svc) as sub:
+                record = Recorder(sub)
+                await until(lambda: record.states == ["connecting", "disconnected"], what="the 503")
+                assert sub.connects == 0 and sub.retry_in >= 1.0  # Retry-After: 1, not the jitter's 0.2 s
+
+
 def test_invalid_channel_name_is_refused_at_once() -> None:
     sub = Subscriber("ws://127.0.0.1:1/ws")
     with pytest.raises(ValueError, match="invalid channel name"):

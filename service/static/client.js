@@ -33,6 +33,7 @@ export class WsBroadcast {
     this.url = url;
     this.options = { ...DEFAULTS, ...options };
     this.state = "disconnected";
+    this.retryIn = 0;
     this._channels = new Map(); // channel -> {handlers: Set, offset, epoch}
     this._listeners = new Map(); // event -> Set of callbacks
     this._ws = null;
@@ -226,6 +227,7 @@ export class WsBroadcast {
   }
 
   _retry(delay) {
+    this.retryIn = delay; // ms until the next connect attempt
     clearTimeout(this._timer);
     this._timer = setTimeout(() => this._connect(), delay);
   }
