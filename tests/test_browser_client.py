@@ -77,8 +77,12 @@ def pages() -> Iterator[StaticPages]:
 
 
 @pytest.fixture(scope="module")
-def screenshots() -> Path:
-    path = Path(os.environ.get("WSBROADCAST_SCREENSHOTS") or tempfile.mkdtemp(prefix="wsbroadcast-screenshots-"))
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """$WSBROADCAST_SCREENSHOTS, else pytest's own temp directory (kept for the last few runs)."""
+    chosen = os.environ.get("WSBROADCAST_SCREENSHOTS")
+    if not chosen:
+        return tmp_path_factory.mktemp("screenshots")
+    path = Path(chosen)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
