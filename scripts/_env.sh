@@ -13,7 +13,7 @@ cd "$ROOT"
 
 _wsb_imports() {  # does interpreter $1 import what this command needs?
     local probe='import service.app, workers.worker, workers.versions as v; import sys; sys.exit(bool(v.problems(v.declared())))'
-    if [ "$NEEDS" = dev ]; then probe="$probe; import pytest, pytest_asyncio, hypothesis, mypy, ruff"; fi
+    if [ "$NEEDS" = dev ]; then probe="$probe; import pytest, pytest_asyncio, hypothesis, mypy, ruff, playwright"; fi
     "$1" -c "$probe" >/dev/null 2>&1
 }
 

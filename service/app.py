@@ -2,17 +2,19 @@
 
 Start-up builds, in order: tracker, hub, broker (pool + listener), memory monitor, metrics,
 heartbeat; shutdown tears them down in reverse. HTTP routes: POST /publish[/<channel>], GET /health,
-GET /health/cluster, GET /metrics.
+GET /health/cluster, GET /metrics, GET /client.js.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -344,6 +346,18 @@ class _App(Starlette):
         await super().__call__(scope, receive, send)
 
 
+@functools.cache
+def _static(name: str) -> bytes:
+    return (Path(__file__).parent / "static" / name).read_bytes()
+
+
+async def client_js(request: Request) -> Response:
+    # no-cache: browsers revalidate, so a deploy's new client reaches them; any origin's page may
+    # import it (a module script from another origin needs CORS).
+    headers = {"Cache-Control": "no-cache", "Access-Control-Allow-Origin": "*"}
+    return Response(_static("client.js"), media_type="text/javascript", headers=headers)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = Settings.from_env() if settings is None else settings
     app = _App(
@@ -353,6 +367,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/health", worker_health),
             Route("/health/cluster", cluster_health),
             Route("/metrics", metrics),
+            Route("/client.js", client_js),
         ],
         lifespan=_lifespan,
     )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -219,3 +221,50 @@ class Recorder:
     def seen(self) -> list[Any]:
         """Each frame as its offset, or ("gap", offset, epoch)."""
         return [("gap", f["offset"], f["epoch"]) if f.get("op") == "gap" else f["offset"] for f in self.frames()]
+
+
+class SteadyPublisher(threading.Thread):
+    """Publishes 0, 1, 2, ... on a channel every ``interval`` until stopped; a failed publish is retried."""
+
+    def __init__(self, service: Service, channel: str, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.service, self.channel, self.interval = service, channel, interval
+        self.published: list[int] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        seq = 0
+        while not self.stopping.wait(self.interval):
+            # A new connection each time: a kept-alive one to a worker that is shutting down would
+            # stall the publisher for just the moments the test is about.
+            try:
+                response = httpx.post(
+                    self.service.base + "/publish",
+                    json={"channel": self.channel, "data": seq},
+                    headers={"Authorization": "Bearer test-token"},
+                    timeout=10,
+                )
+            except httpx.HTTPError:
+                continue
+            if response.status_code == 202:
+                self.published.append(seq)
+                seq += 1
+
+    def stop(self) -> list[int]:
+        self.stopping.set()
+        self.join(30)
+        return self.published
+
+
+def reload_workers(service: Service) -> None:
+    """SIGHUP: gunicorn starts new workers and stops every old one (close 1012)."""
+    assert service.process is not None
+    old = service.worker_pids()
+    os.kill(service.process.pid, signal.SIGHUP)
+    wait_until(
+        lambda: (pids := service.worker_pids()) and not pids & old and len(pids) == service.workers,
+        60,
+        interval=0.1,
+        what="every worker replaced",
+    )
+    service.wait_ready(60)
