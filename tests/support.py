@@ -176,13 +176,17 @@ async def recv_ack(ws: ClientConnection, channel: str, timeout: float = 5.0) -> 
     return check_ack(await recv_json(ws, timeout), channel)
 
 
+async def recv_acks(ws: ClientConnection, names: list[str], timeout: float = 5.0) -> dict[str, dict[str, Any]]:
+    """The ``subscribed`` acks of ``names``, in whatever order they come (each channel joins on its own)."""
+    acks = [await recv_json(ws, timeout) for _ in names]
+    by_channel = {a.get("channel"): a for a in acks}
+    return {name: check_ack(by_channel.get(name), name) for name in names}
+
+
 async def subscribe_client(service: Service, channels: str) -> ClientConnection:
-    """Connect with ``?channels=`` and wait for every subscribed ack (in any order)."""
+    """Connect with ``?channels=`` and wait for every subscribed ack."""
     ws = await service.connect(f"?channels={channels}")
-    names = channels.split(",")
-    acks = [await recv_json(ws) for _ in names]
-    for name in names:
-        check_ack(next(a for a in acks if a.get("channel") == name), name)
+    await recv_acks(ws, channels.split(","))
     return ws
 
 

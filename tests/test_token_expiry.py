@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed
 from scripts.redis_server import PrivateRedis
 from service.endpoint import CLOSE_TOKEN_EXPIRED
 from service.gate import mint_token, verify_claims
-from tests.support import Service, recv_ack, recv_json, recv_publication, wait_until
+from tests.support import Service, recv_ack, recv_acks, recv_json, recv_publication, wait_until
 
 SECRET = "connect-secret-expiry-41c2"
 
@@ -28,8 +28,7 @@ async def _connect(service: Service, channels: str, ttl: float) -> tuple[ClientC
     """A subscribed client whose token expires (exp is whole seconds) 1.5-2.5 s from now for ttl=2.5."""
     token = mint_token(SECRET, channels.split(","), ttl)
     ws = await service.connect(f"?channels={channels}&token={token}")
-    for name in channels.split(","):
-        await recv_ack(ws, name, timeout=10)
+    await recv_acks(ws, channels.split(","), timeout=10)
     return ws, verify_claims(SECRET, token).exp
 
 
