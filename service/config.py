@@ -86,6 +86,8 @@ def _origins(raw: str) -> tuple[str, ...]:
 _origins.__doc__ = "a comma list of origins like https://example.com, or *"
 
 _SECRETS = frozenset({"redis_url", "publish_token", "connect_secret", "admin_token"})
+# Not secret, but a PEM block is no figure for /health: shown as (set) like the secrets.
+_SHOWN_AS_SET = frozenset({"connect_public_key"})
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class Settings:
     memory_high_watermark: float = 0.8
     publish_token: str = field(default="", repr=False)
     connect_secret: str = field(default="", repr=False)
+    connect_public_key: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
     allowed_origins: tuple[str, ...] = ()
     history_size: int = 100
@@ -172,7 +175,7 @@ class Settings:
     def public(self) -> dict[str, Any]:
         """The effective settings without secrets, for /health and the logs."""
         out = asdict(self)
-        for name in _SECRETS:
+        for name in _SECRETS | _SHOWN_AS_SET:
             out[name] = "(set)" if out[name] else "(unset)"
         out["allowed_origins"] = list(self.allowed_origins)
         return out
@@ -182,6 +185,8 @@ def _shown(name: str, raw: str) -> str:
     """The value as an error message may show it: secrets hidden, a URL's password masked."""
     if name in ("publish_token", "connect_secret", "admin_token"):
         return "(hidden)"
+    if name == "connect_public_key" and raw.strip().startswith("-----BEGIN"):
+        return "(an inline PEM block)"
     if name == "redis_url":
         raw = re.sub(r"://([^@/]*)@", "://***@", raw)
     return repr(raw)
@@ -203,6 +208,44 @@ def _prefix(raw: str) -> str:
 
 
 _prefix.__doc__ = "1-64 characters of [A-Za-z0-9_.:-]"
+
+
+def public_key_algorithm(pem: str) -> tuple[str, Any]:
+    """The JWT algorithm a PEM public key verifies (RSA: RS256; EC P-256/384/521: ES256/384/512) and the key."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(pem.encode())
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048:
+        return "RS256", key
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        curves = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+        if key.curve.name in curves:
+            return curves[key.curve.name], key
+    raise ValueError
+
+
+def _public_key(raw: str) -> str:
+    """The PEM text: given inline, or read from the file the value names."""
+    text = raw.strip()
+    if not text:
+        return ""
+    if not text.startswith("-----BEGIN"):
+        try:
+            with open(text, encoding="ascii") as pem:
+                text = pem.read().strip()
+        except (OSError, UnicodeDecodeError):
+            raise ValueError from None
+    try:
+        public_key_algorithm(text)
+    except Exception:  # cryptography raises ValueError or UnsupportedAlgorithm for what it cannot load
+        raise ValueError from None
+    return text
+
+
+_public_key.__doc__ = (
+    "a PEM public key (RSA of 2048 bits or more, or EC P-256/P-384/P-521), inline or the path of a readable file"
+)
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -244,6 +287,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "memory_high_watermark": _float(0, 1, open_lo=True),
     "publish_token": _text,
     "connect_secret": _text,
+    "connect_public_key": _public_key,
     "admin_token": _text,
     "allowed_origins": _origins,
     "history_size": _int(0, 100000),
