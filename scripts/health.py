@@ -1,7 +1,8 @@
 """The coordinator: every live worker's heartbeat across all hosts, summed.
 
 ``scripts/health [--json] [--watch N] [--redis-url URL]`` reads ``<REDIS_PREFIX>worker:*`` through
-``service.health`` (the same code as ``GET /health/cluster``), prints a per-worker table and the
+``service.health`` (the same code as ``GET /health/cluster``), prints the Redis it read (password
+redacted; whether ``REDIS_URL`` was unset and the default used), a per-worker table and the
 totals, and exits 0 healthy, 1 degraded, 2 failing (no live workers, Redis unreachable, invalid
 settings), so it serves as-is as a health-check command.
 """

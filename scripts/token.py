@@ -14,23 +14,17 @@ import os
 import sys
 from typing import Any
 
+from service.config import key_algorithm
 from service.gate import TokenError, mint_with_key
 
 
 def _private_key(path: str) -> tuple[Any, str]:
-    """The key in ``path`` and the algorithm the service verifies it with (the same rule as CONNECT_PUBLIC_KEY)."""
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    """The key in ``path`` and the algorithm the service verifies it with (the rule of CONNECT_PUBLIC_KEY)."""
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     with open(path, "rb") as pem:
-        key = load_pem_private_key(pem.read(), password=None)
-    if isinstance(key, rsa.RSAPrivateKey):
-        return key, "RS256"
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        curves = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-        if key.curve.name in curves:
-            return key, curves[key.curve.name]
-    raise ValueError("expected an RSA key or an EC key on P-256, P-384 or P-521")
+        key: Any = load_pem_private_key(pem.read(), password=None)
+    return key, key_algorithm(key.public_key())
 
 
 def main(argv: list[str] | None = None) -> int:

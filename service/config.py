@@ -211,18 +211,24 @@ _prefix.__doc__ = "1-64 characters of [A-Za-z0-9_.:-]"
 
 
 def public_key_algorithm(pem: str) -> tuple[str, Any]:
-    """The JWT algorithm a PEM public key verifies (RSA: RS256; EC P-256/384/521: ES256/384/512) and the key."""
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    """The JWT algorithm a PEM public key verifies (see ``key_algorithm``) and the key."""
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     key = load_pem_public_key(pem.encode())
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048:
-        return "RS256", key
-    if isinstance(key, ec.EllipticCurvePublicKey):
+    return key_algorithm(key), key
+
+
+def key_algorithm(public_key: Any) -> str:
+    """RS256 for an RSA key of 2048 bits or more; ES256/384/512 for an EC key on P-256/384/521."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size >= 2048:
+        return "RS256"
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
         curves = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-        if key.curve.name in curves:
-            return curves[key.curve.name], key
-    raise ValueError
+        if public_key.curve.name in curves:
+            return curves[public_key.curve.name]
+    raise ValueError("expected an RSA key of 2048 bits or more, or an EC key on P-256, P-384 or P-521")
 
 
 def _public_key(raw: str) -> str:
