@@ -74,7 +74,7 @@ def _redis_line(redis: dict[str, str]) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The human view: the Redis read, one row per worker, then totals, channels and the status with its reasons."""
+    """The human view: one row per worker, then totals, channels and the status with its reasons."""
     totals = report["totals"]
     redis = report.get("redis")
     if totals is None:
@@ -99,8 +99,7 @@ def format_report(report: dict[str, Any]) -> str:
             str(len(w["subscriptions"])),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [_redis_line(redis)] if redis else []
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     hosts = totals["hosts"]
     lines.append("")
     lines.append(
@@ -131,7 +130,9 @@ def _emit(report: dict[str, Any], as_json: bool, clear: bool) -> None:
         return
     if clear:
         print("\x1b[H\x1b[2J", end="")
-    print(time.strftime("%Y-%m-%d %H:%M:%S"), flush=False)
+    # The first line says when and what was read: which Redis, under which prefix.
+    redis = report.get("redis")
+    print(time.strftime("%Y-%m-%d %H:%M:%S") + (f" · {_redis_line(redis)}" if redis else ""), flush=False)
     print(format_report(report), flush=True)
     if report["status"] == health.FAILING:
         # As for an unreachable Redis: a failing check says why in one line on stderr too.
