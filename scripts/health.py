@@ -1,7 +1,8 @@
 """The coordinator: every live worker's heartbeat across all hosts, summed.
 
 ``scripts/health [--json] [--watch N] [--redis-url URL]`` reads ``<REDIS_PREFIX>worker:*`` through
-``service.health`` (the same code as ``GET /health/cluster``), prints a per-worker table and the
+``service.health`` (the same code as ``GET /health/cluster``), prints the Redis it read (password
+redacted; whether ``REDIS_URL`` was unset and the default used), a per-worker table and the
 totals, and exits 0 healthy, 1 degraded, 2 failing (no live workers, Redis unreachable, invalid
 settings), so it serves as-is as a health-check command.
 """
@@ -50,11 +51,35 @@ def _memory_state(memory: dict[str, Any]) -> str:
     return f"{state} {memory.get('usage', 0.0) * 100:.0f}% of {_mb(limit)} MB"
 
 
+def redis_source(client: Redis, given: str | None) -> dict[str, str]:
+    """Which Redis this run reads, as the client will connect to it (password redacted), and why that one."""
+    kwargs = client.connection_pool.connection_kwargs
+    user = kwargs.get("username") or ""
+    secret = f"{user}:***@" if kwargs.get("password") else f"{user}@" if user else ""
+    if kwargs.get("path"):
+        url = f"unix://{secret}{kwargs['path']}?db={kwargs.get('db', 0)}"
+    else:
+        scheme = "rediss" if "SSL" in client.connection_pool.connection_class.__name__ else "redis"
+        url = f"{scheme}://{secret}{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+    source = "--redis-url" if given else "REDIS_URL" if os.environ.get("REDIS_URL") else "default"
+    return {"url": url, "source": source}
+
+
+def _redis_line(redis: dict[str, str]) -> str:
+    source = {"default": "REDIS_URL is unset: the default", "--redis-url": "from --redis-url"}.get(
+        redis["source"], "from REDIS_URL"
+    )
+    prefix = f" · prefix {redis['prefix']}" if redis.get("prefix") else ""
+    return f"redis: {redis['url']} ({source}){prefix}"
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The human view: one row per worker, then totals, channels and the status with its reasons."""
     totals = report["totals"]
+    redis = report.get("redis")
     if totals is None:
-        return f"{report['status']}: {'; '.join(report['reasons'])}"
+        where = f" ({_redis_line(redis)})" if redis else ""
+        return f"{report['status']}: {'; '.join(report['reasons'])}{where}"
     header = ("WORKER", "STATUS", "AGE", "CONNS", "PEAK", "LIMIT", "MAX", "UTIL", "RSS MB", "MEMORY", "CHANNELS")
     rows = [header]
     for w in report["workers"]:
@@ -105,7 +130,9 @@ def _emit(report: dict[str, Any], as_json: bool, clear: bool) -> None:
         return
     if clear:
         print("\x1b[H\x1b[2J", end="")
-    print(time.strftime("%Y-%m-%d %H:%M:%S"), flush=False)
+    # The first line says when and what was read: which Redis, under which prefix.
+    redis = report.get("redis")
+    print(time.strftime("%Y-%m-%d %H:%M:%S") + (f" · {_redis_line(redis)}" if redis else ""), flush=False)
     print(format_report(report), flush=True)
     if report["status"] == health.FAILING:
         # As for an unreachable Redis: a failing check says why in one line on stderr too.
@@ -114,9 +141,10 @@ def _emit(report: dict[str, Any], as_json: bool, clear: bool) -> None:
 
 async def _run(redis: Redis, keys: Keys, args: argparse.Namespace, last: list[int]) -> None:
     clear = args.watch is not None and not args.json and sys.stdout.isatty()
+    source = {**redis_source(redis, args.redis_url), "prefix": keys.prefix}
     try:
         while True:
-            report = await health.cluster_report(redis, keys)
+            report = {"redis": source, **await health.cluster_report(redis, keys)}
             last[0] = health.EXIT_CODES[report["status"]]
             _emit(report, args.json, clear)
             if args.watch is None:

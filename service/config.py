@@ -104,13 +104,80 @@ def _prefix(raw: str) -> str:
 _prefix.__doc__ = "1-64 characters of [A-Za-z0-9_.:-]"
 
 
+def public_key_algorithm(pem: str) -> tuple[str, Any]:
+    """The JWT algorithm a PEM public key verifies (see ``key_algorithm``) and the key."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(pem.encode())
+    return key_algorithm(key), key
+
+
+def key_algorithm(public_key: Any) -> str:
+    """RS256 for an RSA key of 2048 bits or more; ES256/384/512 for an EC key on P-256/384/521."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size >= 2048:
+        return "RS256"
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        curves = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+        if public_key.curve.name in curves:
+            return curves[public_key.curve.name]
+    raise ValueError("expected an RSA key of 2048 bits or more, or an EC key on P-256, P-384 or P-521")
+
+
+def _public_key(raw: str) -> str:
+    """The PEM text: given inline, or read from the file the value names."""
+    text = raw.strip()
+    if not text:
+        return ""
+    if not text.startswith("-----BEGIN"):
+        try:
+            with open(text, encoding="ascii") as pem:
+                text = pem.read().strip()
+        except (OSError, UnicodeDecodeError):
+            raise ValueError from None
+    try:
+        public_key_algorithm(text)
+    except Exception:  # cryptography raises ValueError or UnsupportedAlgorithm for what it cannot load
+        raise ValueError from None
+    return text
+
+
+_public_key.__doc__ = (
+    "a PEM public key (RSA of 2048 bits or more, or EC P-256/P-384/P-521), inline or the path of a readable file"
+)
+
+
+def _shown_url(raw: str) -> str:
+    return repr(re.sub(r"://([^@/]*)@", "://***@", raw))
+
+
+def _shown_key(raw: str) -> str:
+    return "(an inline PEM block)" if raw.strip().startswith("-----BEGIN") else repr(raw)
+
+
 _log_level = _choice("critical", "error", "warning", "info", "debug")
 
 
-def setting(default: Any, parse: Callable[[str], Any], meaning: str, *, secret: bool = False) -> Any:
+def setting(
+    default: Any,
+    parse: Callable[[str], Any],
+    meaning: str,
+    *,
+    secret: bool = False,
+    shown: Callable[[str], str] | None = None,
+) -> Any:
     """One setting's whole declaration: its default, its parser (whose docstring says what is
-    allowed), what it means and whether it is a secret (never shown)."""
-    return field(default=default, repr=not secret, metadata={"parse": parse, "meaning": meaning, "secret": secret})
+    allowed), what it means, whether it is a secret (shown as (set) or (unset) only) and how an
+    invalid value may be shown in the error line (a secret's not at all, unless ``shown`` says)."""
+    if shown is None:
+        shown = _hidden if secret else repr
+    metadata = {"parse": parse, "meaning": meaning, "secret": secret, "shown": shown}
+    return field(default=default, repr=not secret, metadata=metadata)
+
+
+def _hidden(raw: str) -> str:
+    return "(hidden)"
 
 
 @dataclass(frozen=True)
@@ -121,7 +188,7 @@ class Settings:
     bind_host: str = setting("0.0.0.0", _text, "bind address")
     web_concurrency: int = setting(2, _int(1, 512), "gunicorn workers")
     log_level: str = setting("info", _log_level, "gunicorn's and the workers' log level")
-    redis_url: str = setting("redis://127.0.0.1:6379/0", _redis_url, "the broker", secret=True)
+    redis_url: str = setting("redis://127.0.0.1:6379/0", _redis_url, "the broker", secret=True, shown=_shown_url)
     redis_prefix: str = setting("broadcast:", _prefix, "prefix of every Redis channel and key")
     redis_pool_size: int = setting(10, _int(2, 1000), "Redis connections per worker, pub/sub included")
     redis_pool_timeout: float = setting(5.0, _float(0, 300, open_lo=True), "wait for a pool connection")
@@ -157,7 +224,11 @@ class Settings:
     memory_limit: int = setting(0, _int(0), "bytes per worker (0: cgroup or RAM / workers)")
     memory_high_watermark: float = setting(0.8, _float(0, 1, open_lo=True), "memory pressure threshold")
     publish_token: str = setting("", _text, "bearer token for POST /publish", secret=True)
-    connect_secret: str = setting("", _text, "require signed connect tokens on /ws", secret=True)
+    connect_secret: str = setting("", _text, "require signed connect tokens on /ws (HS256)", secret=True)
+    # Not secret, but a PEM block is no figure for /health: shown as (set) like the secrets.
+    connect_public_key: str = setting(
+        "", _public_key, "verify RS256/ES256 connect tokens with this key", secret=True, shown=_shown_key
+    )
     admin_token: str = setting("", _text, "bearer token for the health detail", secret=True)
     allowed_origins: tuple[str, ...] = setting((), _origins, "origins allowed to open /ws")
     history_size: int = setting(100, _int(0, 100000), "publications kept per channel for recovery")
@@ -179,7 +250,7 @@ class Settings:
                 values[declared.name] = parse(raw)
             except ValueError:
                 allowed = (parse.__doc__ or "").strip()
-                shown = "(hidden)" if declared.metadata["secret"] and declared.name != "redis_url" else _shown(raw)
+                shown = declared.metadata["shown"](raw)
                 raise SettingsError(f"{declared.name.upper()}={shown} is invalid: expected {allowed}") from None
         settings = cls(**values)
         if settings.history_ttl > settings.history_meta_ttl:
@@ -207,8 +278,3 @@ class Settings:
                 out[declared.name] = "(set)" if out[declared.name] else "(unset)"
         out["allowed_origins"] = list(self.allowed_origins)
         return out
-
-
-def _shown(raw: str) -> str:
-    """The value as an error message may show it: a URL's password masked."""
-    return repr(re.sub(r"://([^@/]*)@", "://***@", raw))

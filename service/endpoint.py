@@ -139,7 +139,7 @@ class _Session:
         except _GONE as exc:
             # The client went away mid-send (uvicorn's ClientDisconnected, which starlette turns
             # into WebSocketDisconnect) or the connection was closed under us.
-            log.debug("connection %d ended: %r", self.conn.id, exc)
+            log.debug("connection %s ended: %r", self.who(), exc)
         finally:
             # The protocol closes abusers (1008) and clients that never read its pongs (4008) on its own.
             verdict = getattr(self.link, "verdict", None)
@@ -164,7 +164,7 @@ class _Session:
         try:
             await queue.run(self.ws.send_text)
         except _GONE as exc:
-            log.debug("writer of connection %d ended: %r", self.conn.id, exc)
+            log.debug("writer of connection %s ended: %r", self.who(), exc)
 
     async def _initial_channels(self) -> bool:
         raw = self.ws.query_params.get("channels")
@@ -276,6 +276,13 @@ class _Session:
         self.expiry = None
         if self.close(CLOSE_TOKEN_EXPIRED, "token expired"):
             self.service.tracker.counters.token_expired_closed += 1
+            _rated.info("token_expired", "connection %s closed 3000: token expired, not refreshed", self.who())
+
+    def who(self) -> str:
+        """The connection as log lines name it: its id and, with a connect token, the token's ``sub``."""
+        if self.claims is None:
+            return str(self.conn.id)
+        return f"{self.conn.id} (sub {self.claims.who()})"
 
     def _join(self, channel: str, since: tuple[int, str] | None) -> None:
         """Subscribe in the background: the read loop goes on (pings, other ops) while Redis
@@ -291,7 +298,8 @@ class _Session:
         if self.joining.get(channel) is task:
             del self.joining[channel]
         if not task.cancelled() and task.exception() is not None:
-            _rated.warning("join", "subscription to %r failed: %r", channel, task.exception())
+            failure = task.exception()
+            _rated.warning("join", "connection %s: subscription to %r failed: %r", self.who(), channel, failure)
 
     def _leave(self, channel: str) -> None:
         task = self.joining.pop(channel, None)
@@ -336,4 +344,4 @@ class _Session:
         try:
             await asyncio.wait_for(self.ws.close(code, reason), timeout=5.0)
         except (TimeoutError, *_GONE) as exc:
-            log.debug("close of connection %d failed: %r", self.conn.id, exc)
+            log.debug("close of connection %s failed: %r", self.who(), exc)

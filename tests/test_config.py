@@ -35,6 +35,6 @@ def test_every_setting_declares_its_parser_meaning_and_secrecy() -> None:
         assert declared.metadata["meaning"], declared.name
         assert isinstance(declared.metadata["secret"], bool), declared.name
     secrets = {f.name for f in fields(Settings) if f.metadata["secret"]}
-    assert secrets == {"redis_url", "publish_token", "connect_secret", "admin_token"}
+    assert secrets == {"redis_url", "publish_token", "connect_secret", "connect_public_key", "admin_token"}
     shown = Settings(publish_token="x", connect_secret="y").public()
     assert (shown["publish_token"], shown["connect_secret"], shown["admin_token"]) == ("(set)", "(set)", "(unset)")

@@ -14,7 +14,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from service.config import Settings, SettingsError
-from workers import metrics_dir, versions
+from workers import metrics_dir, startup, versions
 
 _unsupported = versions.problems(versions.declared())
 if _unsupported:
@@ -74,6 +74,8 @@ def on_starting(server: Any) -> None:
         )
     elif soft != before:
         server.log.info("RLIMIT_NOFILE raised from %d to %d (MAX_CONNECTIONS + FD_RESERVE)", before, soft)
+    for line in startup.warnings(_settings):
+        server.log.warning("%s", line)
     removed = metrics_dir.wipe()
     server.log.info("metrics: multiprocess files in %s (%d stale files removed)", _metrics_dir, removed)
 
