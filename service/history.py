@@ -5,12 +5,16 @@ language's Redis client can publish recoverably without our code::
 
     FCALL wsb_publish 2 <meta key> <stream key> <pub/sub channel> <channel> <data JSON> \
         <history size> <history ttl ms> <meta ttl ms>
+    FCALL wsb_publish 3 <meta key> <stream key> <idempotency key> ... <window ms> <fingerprint>
 
-Atomically it reads or creates the channel's epoch, increments its top offset, appends the frame
-to the channel's stream (entry id ``<offset>-0``, trimmed to the history size, expiring after the
-history TTL), refreshes the metadata's much longer TTL (a quiet channel keeps its epoch), builds
-the frame ``{"channel":..,"offset":..,"epoch":..,"data":<data>}`` around the publisher's bytes
-without re-encoding them, and publishes it. It answers ``[offset, epoch, receivers]``.
+Atomically it checks the channel name and that the data is JSON, reads or creates the channel's
+epoch, increments its top offset, appends the frame to the channel's stream (entry id
+``<offset>-0``, trimmed to the history size, expiring after the history TTL), refreshes the
+metadata's much longer TTL (a quiet channel keeps its epoch), builds the frame
+``{"channel":..,"offset":..,"epoch":..,"data":<data>}`` around the publisher's bytes without
+re-encoding them, and publishes it. It answers ``[replayed (0/1), offset, epoch, receivers,
+fingerprint]``; with an idempotency key, a second call within the window answers the first one's
+result and publishes nothing.
 
 The metadata hash (``epoch``, ``top``), the stream and the pub/sub channel share one hash slot
 (see ``Keys``), so the same calls work on a Redis Cluster. A Redis that restarted without
@@ -33,7 +37,7 @@ LIBRARY = "wsbroadcast"
 
 # Bump VERSION with any change to the code: workers load the library with REPLACE, and the
 # version in the source makes a mixed deployment's library visible (FUNCTION LIST).
-VERSION = 1
+VERSION = 2
 
 _SOURCE = """#!lua name=wsbroadcast
 -- wsbroadcast v__VERSION__: channel offsets, epochs and history
@@ -64,6 +68,9 @@ redis.register_function('wsb_publish', function(keys, args)
       local fp, offset, epoch, receivers = string.match(first, '^(%S*) (%d+) (%S+) (%d+)$')
       return {1, tonumber(offset), epoch, tonumber(receivers), fp}
     end
+  end
+  if #channel > 128 or not string.match(channel, '^[%w_.:-]+$') then
+    return redis.error_reply('ERR wsbroadcast: channel names match [A-Za-z0-9_.:-]{1,128}')
   end
   if not pcall(cjson.decode, data) then
     return redis.error_reply('ERR wsbroadcast: data is not valid JSON')

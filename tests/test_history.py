@@ -205,3 +205,14 @@ async def test_the_readme_redis_cli_call_publishes_recoverably_through_a_running
         ack = await recv_ack(ws, "news")
         assert (ack["recovered"], ack["offset"]) == (True, 1)
         await ws.close()
+
+
+async def test_the_function_refuses_a_channel_name_that_would_break_the_frame(redis: Redis) -> None:
+    history, keys = _history(redis)
+    await history.load()
+    for bad in ('a"b', "x" * 129, "", "caf\u00e9"):
+        with pytest.raises(ResponseError, match="channel names match"):
+            await redis.fcall(
+                "wsb_publish", 2, keys.meta("c"), keys.history("c"), keys.channel("c"), bad, "1", "5", "1000", "60000"
+            )
+    assert (await history.position("c")).offset == 0
