@@ -2,7 +2,7 @@
 
 Start-up builds, in order: tracker, hub, broker (pool + listener), memory monitor, metrics,
 heartbeat; shutdown tears them down in reverse. HTTP routes: POST /publish[/<channel>], GET /health,
-GET /health/cluster, GET /metrics.
+GET /health/cluster, GET /metrics, GET /dashboard.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from service import codec, health, publication, publisher
+from service import codec, dashboard, health, publication, publisher
 from service.broker import Broker
 from service.config import CHANNEL_RE, Settings
 from service.endpoint import websocket_endpoint
@@ -333,6 +333,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/health", worker_health),
             Route("/health/cluster", cluster_health),
             Route("/metrics", metrics),
+            *dashboard.ROUTES,
         ],
         lifespan=_lifespan,
     )
