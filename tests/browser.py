@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from playwright.sync_api import BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, Page, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
 # Headless, as root (no sandbox), and talking to nothing but the pages under test.
@@ -34,28 +31,20 @@ TIMEOUT_MS = 30_000
 
 
 @contextlib.contextmanager
-def chromium(**context: Any) -> Iterator[BrowserContext]:
-    """A browser context of its own (``context``: Playwright's options, e.g. ``http_credentials``).
+def chromium() -> Iterator[Browser]:
+    """Debian's chromium, headless; give each test its own ``browser.new_context(...)``.
 
-    The profile lives in a temporary directory removed afterwards, so a test session leaves nothing
-    behind.
+    Playwright keeps the browser's profile in a temporary directory it removes when the browser
+    closes, so a test session leaves nothing behind.
     """
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: run scripts/test as root (it installs it) or apt-get install -y chromium")
-    context.setdefault("viewport", {"width": 1280, "height": 800})
-    profile = tempfile.mkdtemp(prefix="wsbroadcast-chromium-")
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=FLAGS, **context
-            )
-            browser.set_default_timeout(TIMEOUT_MS)
-            try:
-                yield browser
-            finally:
-                browser.close()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS, timeout=TIMEOUT_MS)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def screenshot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from playwright.sync_api import Page
-from websockets.sync.client import ClientConnection, connect
+from playwright.sync_api import HttpCredentials, Page
+from websockets.sync.client import connect
 
 from scripts.redis_server import PrivateRedis
-from tests.browser import chromium, save_screenshot, screenshot_dir
+from tests.browser import TIMEOUT_MS, chromium, save_screenshot, screenshot_dir
 from tests.support import ADMIN_TOKEN, Service
 
 PATHS = ("/dashboard", "/dashboard/dashboard.js", "/dashboard/cluster")
@@ -83,43 +84,43 @@ class _Publisher(threading.Thread):
 
 
 def _shows(page: Page, element: str, value: str) -> None:
-    page.wait_for_function(
-        "([id, value]) => document.getElementById(id)?.dataset.value === value", arg=[element, value], timeout=30_000
-    )
+    """Wait until the page's element ``element`` holds ``value`` (its data-value: the figure, unformatted)."""
+    script = "([id, value]) => document.getElementById(id)?.dataset.value === value"
+    page.wait_for_function(script, arg=[element, value], timeout=TIMEOUT_MS)
 
 
 def test_page_follows_the_connection_total(
     service: Service, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    clients: list[ClientConnection] = []
     publisher = _Publisher(service, "dash")
-    credentials = {"username": "operator", "password": ADMIN_TOKEN}
-    try:
-        with chromium(http_credentials=credentials) as browser:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(service.base + "/dashboard")
-            _shows(page, "t-workers", "2")
-            _shows(page, "t-connections", "0")
-            clients = [connect(f"{service.ws_base}/ws?channels=dash", open_timeout=10) for _ in range(6)]
-            _shows(page, "t-connections", "6")
-            assert page.locator("#workers tbody tr").count() == 2
-            per_worker = page.eval_on_selector_all(
-                "#workers tbody td[data-value]", "cells => cells.map(c => Number(c.dataset.value))"
-            )
-            assert sum(per_worker) == 6, per_worker
-            publisher.start()
-            page.wait_for_function("() => Number(document.getElementById('t-deliveries').dataset.value) > 0")
-            page.wait_for_function("() => Number(document.getElementById('t-publications').dataset.value) > 0")
-            for ws in clients[2:]:
-                ws.close()
-            _shows(page, "t-connections", "2")
-            assert page.locator("#status").inner_text() == "ok"
-            assert page.locator("#chart-connections path").count() >= 3  # the total and one line per worker
-            save_screenshot(page, screenshot_dir(tmp_path_factory), "dashboard", capsys)
-            assert not errors, errors
-    finally:
-        publisher.stop()
-        for ws in clients:
+    credentials: HttpCredentials = {"username": "operator", "password": ADMIN_TOKEN}
+    with contextlib.ExitStack() as stack:
+        stack.callback(publisher.stop)
+        browser = stack.enter_context(chromium())
+        context = browser.new_context(http_credentials=credentials, viewport={"width": 1280, "height": 800})
+        stack.callback(context.close)
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(service.base + "/dashboard")
+        _shows(page, "t-workers", "2")
+        _shows(page, "t-connections", "0")
+        url = f"{service.ws_base}/ws?channels=dash"
+        clients = [stack.enter_context(connect(url, open_timeout=10)) for _ in range(6)]
+        _shows(page, "t-connections", "6")
+        assert page.locator("#workers tbody tr").count() == 2
+        per_worker = page.eval_on_selector_all(
+            "#workers tbody td[data-value]", "cells => cells.map(c => Number(c.dataset.value))"
+        )
+        assert sum(per_worker) == 6, per_worker
+        publisher.start()
+        page.wait_for_function("() => Number(document.getElementById('t-deliveries').dataset.value) > 0")
+        page.wait_for_function("() => Number(document.getElementById('t-publications').dataset.value) > 0")
+        for ws in clients[2:]:
             ws.close()
+        _shows(page, "t-connections", "2")
+        assert page.locator("#status").inner_text() == "ok"
+        assert page.locator("#chart-connections path").count() >= 3  # the total and one line per worker
+        save_screenshot(page, screenshot_dir(tmp_path_factory), "dashboard", capsys)
+        assert not errors, errors

@@ -3,9 +3,10 @@
 "use strict";
 (() => {
   const POLL_MS = 1500;
-  const WINDOW_S = 300; // what the charts show
+  const WINDOW_S = 300; // the most the charts show; they start with a minute and widen as points come
+  const MIN_SPAN_S = 60;
   const FETCH_TIMEOUT_MS = 5000;
-  const COLOURS = ["#2f6fde", "#e0611a", "#1f9d55", "#9b4fd0", "#c23b6b", "#0f8b8d", "#8a6d1f", "#5a6b84"];
+  const COLOURS = ["#e0611a", "#1f9d55", "#9b4fd0", "#c23b6b", "#0f8b8d", "#8a6d1f", "#5a6b84"];
   const SVG_NS = "http://www.w3.org/2000/svg";
   // Per worker, the counters whose rates the page shows.
   const RATED = {
@@ -77,7 +78,8 @@
   const fmtInt = (n) => Math.round(n).toLocaleString("en-US");
   const fmtRate = (r) => (r === null ? "–" : r < 10 && r > 0 ? r.toFixed(1) : fmtInt(r));
   const MIB = 1048576;
-  const fmtMiB = (bytes) => `${(bytes / MIB).toFixed(bytes < 100 * MIB ? 1 : 0)} MiB`;
+  const fmtMiB = (bytes) =>
+    bytes >= 1024 * MIB ? `${(bytes / (1024 * MIB)).toFixed(1)} GiB` : `${(bytes / MIB).toFixed(bytes < 100 * MIB ? 1 : 0)} MiB`;
   const staleAfter = (interval) => interval + Math.max(interval / 2, 1);
 
   function setTile(id, value, text, sub) {
@@ -104,7 +106,7 @@
     bar($("t-connections-bar"), share);
     const http = totalRate(workers, "http");
     const redis = totalRate(workers, "redis");
-    setTile("t-publications", http, fmtRate(http), `workers receive ${fmtRate(redis)}/s from Redis`);
+    setTile("t-publications", http, fmtRate(http), `over HTTP; workers receive ${fmtRate(redis)}/s from Redis`);
     const deliveries = totalRate(workers, "deliveries");
     setTile("t-deliveries", deliveries, fmtRate(deliveries),
       `${fmtInt(sum(workers, (w) => counter(w, "counters", "delivered")))} delivered`);
@@ -208,7 +210,14 @@
   }
 
   // lines: [{values: [number|null per point], cls, colour, area}]
-  function drawChart(el, lines, now, fmt) {
+  function tickStep(span) {
+    for (const step of [10, 15, 30, 60, 120]) if (span / step <= 6) return step;
+    return 300;
+  }
+
+  const ago = (s) => (s === 0 ? "now" : s < 60 ? `−${s} s` : `−${s / 60} min`);
+
+  function drawChart(el, lines, now, span, fmt) {
     const W = Math.max(200, el.clientWidth || 600);
     const H = el.clientHeight || 180;
     const L = 52, R = 10, T = 8, B = 20;
@@ -217,17 +226,17 @@
     let max = 0;
     for (const line of lines) for (const v of line.values) if (v !== null && v > max) max = v;
     const top = niceCeil(max);
-    const x = (t) => L + (W - L - R) * (1 - (now - t) / WINDOW_S);
+    const x = (t) => L + (W - L - R) * (1 - (now - t) / span);
     const y = (v) => T + (H - T - B) * (1 - v / top);
     for (const f of [0, 0.5, 1]) {
       const yy = y(top * f);
       svg("line", { x1: L, x2: W - R, y1: yy, y2: yy, class: "grid" }, el);
       svg("text", { x: L - 6, y: yy + 4, "text-anchor": "end", class: "axis" }, el).textContent = fmt(top * f);
     }
-    for (let m = WINDOW_S / 60; m >= 0; m--) {
-      const label = m === 0 ? "now" : `−${m} min`;
-      const anchor = m === WINDOW_S / 60 ? "start" : m === 0 ? "end" : "middle";
-      svg("text", { x: x(now - m * 60), y: H - 4, "text-anchor": anchor, class: "axis" }, el).textContent = label;
+    const step = tickStep(span);
+    for (let s = Math.floor(span / step) * step; s >= 0; s -= step) {
+      const anchor = s === 0 ? "end" : x(now - s) < L + 20 ? "start" : "middle";
+      svg("text", { x: x(now - s), y: H - 4, "text-anchor": anchor, class: "axis" }, el).textContent = ago(s);
     }
     for (const line of lines) {
       let d = "";
@@ -272,6 +281,7 @@
   function renderCharts() {
     const now = Date.now() / 1000;
     while (points.length && points[0].t < now - WINDOW_S) points.shift();
+    const span = Math.min(WINDOW_S, Math.max(MIN_SPAN_S, points.length ? now - points[0].t : 0));
     const keys = [];
     for (const p of points) for (const key of p.workers.keys()) if (!keys.includes(key)) keys.push(key);
     const perWorker = keys.map((key) => ({
@@ -280,14 +290,14 @@
       colour: colour(key),
     }));
     const total = { values: points.map((p) => p.connections), cls: "total" };
-    drawChart($("chart-connections"), [...perWorker, total], now, fmtInt);
+    drawChart($("chart-connections"), [...perWorker, total], now, span, fmtInt);
     const live = new Set(points.length ? points[points.length - 1].workers.keys() : []);
     legend($("legend-connections"), [
-      ["total", "var(--accent)"],
+      ["total", "var(--total)"],
       ...keys.filter((k) => live.has(k)).map((k) => [k.split("@")[0], colour(k)]),
     ]);
-    drawChart($("chart-deliveries"), [{ values: points.map((p) => p.deliveries), cls: "total", area: true }], now,
-      (v) => fmtRate(v));
+    const deliveries = { values: points.map((p) => p.deliveries), cls: "rate", area: true };
+    drawChart($("chart-deliveries"), [deliveries], now, span, fmtRate);
     const last = points.length ? points[points.length - 1].deliveries : null;
     legend($("legend-deliveries"), [[`all workers: ${fmtRate(last)}/s now`, "var(--accent)"]]);
   }
