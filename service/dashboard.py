@@ -28,7 +28,16 @@ STATIC = Path(__file__).resolve().parent / "static"
 REALM = 'Basic realm="wsbroadcast dashboard", charset="UTF-8"'
 _FILES = {"dashboard.html": "text/html; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8"}
 # The page and its script are re-validated on every load: after an upgrade the page is the new one.
-_NO_CACHE = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+# It loads nothing from elsewhere and may not be framed by another site (clickjacking).
+_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": (
+        "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 @functools.cache
@@ -71,7 +80,7 @@ async def page(request: Request) -> Response:
         return refusal
     if name not in _FILES:
         return Response("Not Found", status_code=404, media_type="text/plain")
-    return Response(_static(name), media_type=_FILES[name], headers=_NO_CACHE)
+    return Response(_static(name), media_type=_FILES[name], headers=_HEADERS)
 
 
 async def cluster(request: Request) -> Response:

@@ -89,25 +89,33 @@ def _shows(page: Page, element: str, value: str) -> None:
     page.wait_for_function(script, arg=[element, value], timeout=TIMEOUT_MS)
 
 
+def _open(stack: contextlib.ExitStack, service: Service) -> tuple[Page, list[str]]:
+    """The dashboard in a Chromium of its own, signed in; the list collects the page's errors (CSP included)."""
+    browser = stack.enter_context(chromium())
+    credentials: HttpCredentials = {"username": "operator", "password": ADMIN_TOKEN}
+    context = browser.new_context(http_credentials=credentials, viewport={"width": 1280, "height": 800})
+    stack.callback(context.close)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.goto(service.base + "/dashboard")
+    return page, errors
+
+
 def test_page_follows_the_connection_total(
     service: Service, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     publisher = _Publisher(service, "dash")
-    credentials: HttpCredentials = {"username": "operator", "password": ADMIN_TOKEN}
     with contextlib.ExitStack() as stack:
         stack.callback(publisher.stop)
-        browser = stack.enter_context(chromium())
-        context = browser.new_context(http_credentials=credentials, viewport={"width": 1280, "height": 800})
-        stack.callback(context.close)
-        context.set_default_timeout(TIMEOUT_MS)
-        page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(service.base + "/dashboard")
+        page, errors = _open(stack, service)
         _shows(page, "t-workers", "2")
         _shows(page, "t-connections", "0")
         url = f"{service.ws_base}/ws?channels=dash"
-        clients = [stack.enter_context(connect(url, open_timeout=10)) for _ in range(6)]
+        # Nobody reads their publications: an unbounded receive queue keeps them answering pings and closes.
+        clients = [stack.enter_context(connect(url, open_timeout=10, max_queue=None)) for _ in range(6)]
         _shows(page, "t-connections", "6")
         assert page.locator("#workers tbody tr").count() == 2
         per_worker = page.eval_on_selector_all(
@@ -123,4 +131,19 @@ def test_page_follows_the_connection_total(
         assert page.locator("#status").inner_text() == "ok"
         assert page.locator("#chart-connections path").count() >= 3  # the total and one line per worker
         save_screenshot(page, screenshot_dir(tmp_path_factory), "dashboard", capsys)
+        assert not errors, errors
+
+
+def test_page_shows_a_cluster_whose_redis_is_gone(own_redis: PrivateRedis) -> None:
+    with contextlib.ExitStack() as stack:
+        svc = stack.enter_context(Service(own_redis.url, workers=1))
+        page, errors = _open(stack, svc)
+        _shows(page, "t-workers", "1")
+        own_redis.stop()
+        page.wait_for_function("() => document.getElementById('status').textContent === 'failing'")
+        assert "Redis unreachable" in page.locator("#reasons").inner_text()
+        assert page.locator("#t-workers").get_attribute("data-value") == ""
+        own_redis.start()
+        _shows(page, "t-workers", "1")  # the worker's next heartbeat, in the Redis that came back
+        assert page.locator("#status").inner_text() == "ok"
         assert not errors, errors

@@ -28,8 +28,12 @@
   // A pid can come back on a restarted host: the start time tells two lives of one pid apart.
   const workerKey = (w) => `${w.worker.id}@${w.worker.started_at ?? ""}`;
 
+  // A worker keeps its colour while it is on the charts; a replaced worker's colour is freed.
   function colour(key) {
-    if (!colours.has(key)) colours.set(key, COLOURS[colours.size % COLOURS.length]);
+    if (!colours.has(key)) {
+      const used = new Set(colours.values());
+      colours.set(key, COLOURS.find((c) => !used.has(c)) || COLOURS[colours.size % COLOURS.length]);
+    }
     return colours.get(key);
   }
 
@@ -284,6 +288,7 @@
     const span = Math.min(WINDOW_S, Math.max(MIN_SPAN_S, points.length ? now - points[0].t : 0));
     const keys = [];
     for (const p of points) for (const key of p.workers.keys()) if (!keys.includes(key)) keys.push(key);
+    for (const key of [...colours.keys()]) if (!keys.includes(key)) colours.delete(key);
     const perWorker = keys.map((key) => ({
       values: points.map((p) => (p.workers.has(key) ? p.workers.get(key) : null)),
       cls: "worker",
