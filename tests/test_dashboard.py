@@ -134,7 +134,9 @@ def test_page_follows_the_connection_total(
         assert not errors, errors
 
 
-def test_page_shows_a_cluster_whose_redis_is_gone(own_redis: PrivateRedis) -> None:
+def test_page_shows_a_cluster_whose_redis_is_gone(
+    own_redis: PrivateRedis, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
     with contextlib.ExitStack() as stack:
         svc = stack.enter_context(Service(own_redis.url, workers=1))
         page, errors = _open(stack, svc)
@@ -143,6 +145,7 @@ def test_page_shows_a_cluster_whose_redis_is_gone(own_redis: PrivateRedis) -> No
         page.wait_for_function("() => document.getElementById('status').textContent === 'failing'")
         assert "Redis unreachable" in page.locator("#reasons").inner_text()
         assert page.locator("#t-workers").get_attribute("data-value") == ""
+        save_screenshot(page, screenshot_dir(tmp_path_factory), "dashboard-redis-gone", capsys)
         own_redis.start()
         _shows(page, "t-workers", "1")  # the worker's next heartbeat, in the Redis that came back
         assert page.locator("#status").inner_text() == "ok"

@@ -84,6 +84,7 @@
   const MIB = 1048576;
   const fmtMiB = (bytes) =>
     bytes >= 1024 * MIB ? `${(bytes / (1024 * MIB)).toFixed(1)} GiB` : `${(bytes / MIB).toFixed(bytes < 100 * MIB ? 1 : 0)} MiB`;
+  const fmtAxis = (v) => (Number.isInteger(v) ? fmtInt(v) : v.toFixed(1));
   const staleAfter = (interval) => interval + Math.max(interval / 2, 1);
 
   function setTile(id, value, text, sub) {
@@ -110,7 +111,7 @@
     bar($("t-connections-bar"), share);
     const http = totalRate(workers, "http");
     const redis = totalRate(workers, "redis");
-    setTile("t-publications", http, fmtRate(http), `over HTTP; workers receive ${fmtRate(redis)}/s from Redis`);
+    setTile("t-publications", http, fmtRate(http), `over HTTP; workers get ${fmtRate(redis)}/s from Redis`);
     const deliveries = totalRate(workers, "deliveries");
     setTile("t-deliveries", deliveries, fmtRate(deliveries),
       `${fmtInt(sum(workers, (w) => counter(w, "counters", "delivered")))} delivered`);
@@ -138,7 +139,7 @@
     return td;
   }
 
-  function renderWorkers(workers) {
+  function renderWorkers(workers, known) {
     const body = $("workers").tBodies[0];
     body.replaceChildren();
     for (const w of workers) {
@@ -173,7 +174,7 @@
     }
     if (!workers.length) {
       const row = body.insertRow();
-      const td = cell(row, "no live workers");
+      const td = cell(row, known ? "no live workers" : "unknown: the heartbeats could not be read");
       td.colSpan = 7;
     }
     const intervals = [...new Set(workers.map((w) => w.heartbeat_interval))];
@@ -189,6 +190,7 @@
     badge.textContent = status;
     document.title = `${status} · wsbroadcast`;
     const list = $("reasons");
+    list.className = status;
     list.replaceChildren();
     for (const reason of reasons) {
       const item = document.createElement("li");
@@ -221,7 +223,7 @@
 
   const ago = (s) => (s === 0 ? "now" : s < 60 ? `−${s} s` : `−${s / 60} min`);
 
-  function drawChart(el, lines, now, span, fmt) {
+  function drawChart(el, lines, now, span) {
     const W = Math.max(200, el.clientWidth || 600);
     const H = el.clientHeight || 180;
     const L = 52, R = 10, T = 8, B = 20;
@@ -235,7 +237,7 @@
     for (const f of [0, 0.5, 1]) {
       const yy = y(top * f);
       svg("line", { x1: L, x2: W - R, y1: yy, y2: yy, class: "grid" }, el);
-      svg("text", { x: L - 6, y: yy + 4, "text-anchor": "end", class: "axis" }, el).textContent = fmt(top * f);
+      svg("text", { x: L - 6, y: yy + 4, "text-anchor": "end", class: "axis" }, el).textContent = fmtAxis(top * f);
     }
     const step = tickStep(span);
     for (let s = Math.floor(span / step) * step; s >= 0; s -= step) {
@@ -295,14 +297,14 @@
       colour: colour(key),
     }));
     const total = { values: points.map((p) => p.connections), cls: "total" };
-    drawChart($("chart-connections"), [...perWorker, total], now, span, fmtInt);
+    drawChart($("chart-connections"), [...perWorker, total], now, span);
     const live = new Set(points.length ? points[points.length - 1].workers.keys() : []);
     legend($("legend-connections"), [
       ["total", "var(--total)"],
       ...keys.filter((k) => live.has(k)).map((k) => [k.split("@")[0], colour(k)]),
     ]);
     const deliveries = { values: points.map((p) => p.deliveries), cls: "rate", area: true };
-    drawChart($("chart-deliveries"), [deliveries], now, span, fmtRate);
+    drawChart($("chart-deliveries"), [deliveries], now, span);
     const last = points.length ? points[points.length - 1].deliveries : null;
     legend($("legend-deliveries"), [[`all workers: ${fmtRate(last)}/s now`, "var(--accent)"]]);
   }
@@ -326,7 +328,7 @@
     document.body.classList.remove("stale");
     renderStatus(doc.status, doc.reasons || []);
     renderTotals(doc, workers);
-    renderWorkers(workers);
+    renderWorkers(workers, Boolean(doc.totals));
     renderCharts();
     $("updated").textContent = `updated ${new Date().toLocaleTimeString("en-GB")} · every ${POLL_MS / 1000} s`;
   }
