@@ -2,19 +2,17 @@
 
 Start-up builds, in order: tracker, hub, broker (pool + listener), memory monitor, metrics,
 heartbeat; shutdown tears them down in reverse. HTTP routes: POST /publish[/<channel>], GET /health,
-GET /health/cluster, GET /metrics, GET /client.js.
+GET /health/cluster, GET /metrics, GET /client.js, GET /dashboard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -27,7 +25,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from service import codec, health, publication, publisher
+from service import codec, dashboard, health, publication, publisher
 from service.broker import Broker
 from service.config import CHANNEL_RE, Settings
 from service.endpoint import websocket_endpoint
@@ -346,16 +344,11 @@ class _App(Starlette):
         await super().__call__(scope, receive, send)
 
 
-@functools.cache
-def _static(name: str) -> bytes:
-    return (Path(__file__).parent / "static" / name).read_bytes()
-
-
 async def client_js(request: Request) -> Response:
     # no-cache: browsers revalidate, so a deploy's new client reaches them; any origin's page may
     # import it (a module script from another origin needs CORS).
     headers = {"Cache-Control": "no-cache", "Access-Control-Allow-Origin": "*"}
-    return Response(_static("client.js"), media_type="text/javascript", headers=headers)
+    return Response(dashboard.static_file("client.js"), media_type="text/javascript", headers=headers)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -368,6 +361,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/health/cluster", cluster_health),
             Route("/metrics", metrics),
             Route("/client.js", client_js),
+            *dashboard.ROUTES,
         ],
         lifespan=_lifespan,
     )
