@@ -33,8 +33,7 @@ from service.publisher import Published
 log = logging.getLogger("wsbroadcast.broker")
 
 BACKOFF_START = 0.05
-# The cap bounds how late deliveries resume once Redis is back (target 0.2 s): measured 0.11-0.20 s
-# after Redis answered with a 0.2 s cap, 0.02-0.11 s with 0.1 s. A refused connect every 0.1 s per
+# The cap bounds how late deliveries resume once Redis is back; a refused connect every cap per
 # worker while Redis is down costs next to nothing.
 BACKOFF_CAP = 0.1
 CONNECT_TIMEOUT = 2.0

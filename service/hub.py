@@ -93,9 +93,9 @@ class Hub:
         # Called with (channel, last offset accepted, epoch) when publications after that offset
         # are missing; the callee reads them and calls ``fill``.
         self._on_hole = on_hole
-        # Called once per message per worker with the message and the number of connections it
-        # was offered to; the metrics module hooks fan-out latency here.
-        self.on_fanout: Callable[[Message, int], None] | None = None
+        # Called once per message per worker, after it was offered to every listener; the metrics
+        # module hooks fan-out latency here.
+        self.on_fanout: Callable[[Message], None] | None = None
         self._recent_size = recent_size
         self._recent_bytes_max = max(1, min(RECENT_BYTES_TOTAL, queue_bytes))
         self._recent_total = 0
@@ -314,7 +314,7 @@ class Hub:
         for outbound in listeners:
             outbound.offer(message)
         if self.on_fanout is not None:
-            self.on_fanout(message, len(listeners))
+            self.on_fanout(message)
 
     # --- what clients recovering a channel are served from ----------------------------------------
 

@@ -179,7 +179,7 @@ class Metrics:
         )
         self.worker_redis_up = worker("redis_connected", "1 when the worker's Redis pub/sub connection is up")
 
-    def observe_fanout(self, message: Message, n: int) -> None:
+    def observe_fanout(self, message: Message) -> None:
         """Hub.on_fanout: one observation per message per worker."""
         self.fanout_latency.observe(perf_counter() - message.arrived)
 

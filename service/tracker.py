@@ -52,7 +52,7 @@ class Counters:
 class Connection:
     """One admitted client: its channels, outbound path and last activity."""
 
-    __slots__ = ("__weakref__", "channels", "close", "id", "last_received", "outbound")
+    __slots__ = ("channels", "close", "id", "last_received", "outbound")
 
     def __init__(self, conn_id: int, close: Callable[[int, str], bool]) -> None:
         self.id = conn_id

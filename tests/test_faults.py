@@ -42,7 +42,7 @@ from tests.support import (
     worker_of,
 )
 
-RESUME_LIMIT = 2.0  # issue 4: deliveries resume within 2 s of Redis being back
+RESUME_LIMIT = 2.0  # deliveries resume within 2 s of Redis being back
 
 
 # --- helpers -------------------------------------------------------------------------------------
