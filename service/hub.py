@@ -55,8 +55,8 @@ class _Batch:
 
 class _Channel:
     __slots__ = (
-        "epoch", "filling", "held", "last_publish", "listeners", "offset", "parked", "recent", "recent_bytes",
-        "recent_until",
+        "epoch", "filling", "floor", "held", "last_publish", "listeners", "offset", "parked", "recent",
+        "recent_bytes", "recent_until",
     )
 
     def __init__(self) -> None:
@@ -71,6 +71,9 @@ class _Channel:
         self.recent: deque[tuple[int, bytes]] | None = None
         self.recent_bytes = 0
         self.recent_until = 0.0
+        # The first offset Redis's history of this epoch still held when last seen (0: unknown):
+        # it only moves forward (trimming, expiry), so nothing before it can be recovered.
+        self.floor = 0
 
 
 class Hub:
@@ -269,6 +272,7 @@ class Hub:
             self._release(channel, state, top=_ALL)
 
     def _gap(self, channel: str, state: _Channel, offset: int, epoch: str) -> None:
+        state.floor = max(state.floor, offset + 1) if epoch == state.epoch else 0
         state.epoch, state.offset = epoch, offset
         if state.recent is not None:
             self._drop_recent(state)
@@ -333,6 +337,17 @@ class Hub:
         if not recent or recent[0][0] > after + 1:
             return None
         return [item for item in recent if item[0] > after]
+
+    def note_floor(self, channel: str, epoch: str, floor: int) -> None:
+        """Redis's history of ``epoch`` held nothing before ``floor`` (a read found so)."""
+        state = self._channels.get(channel)
+        if state is not None and state.epoch == epoch:
+            state.floor = max(state.floor, floor)
+
+    def below_floor(self, channel: str, after: int, epoch: str) -> bool:
+        """True when the publications after ``after`` are known to be gone from Redis's history."""
+        state = self._channels.get(channel)
+        return state is not None and state.epoch == epoch and after + 1 < state.floor
 
     def remember(self, channel: str, epoch: str, frames: list[tuple[int, bytes]], window: float) -> None:
         """Keep the channel's latest publications for ``window`` seconds, starting from ``frames``

@@ -98,11 +98,19 @@ class Recovery:
             frames = self._hub.recent(channel, since.offset, since.epoch)
             if frames is not None:
                 return self._answer(frames, True, offset, epoch)
-            if since.epoch != epoch or since.offset > offset:
+            if since.epoch != epoch or since.offset > offset or self._hub.below_floor(channel, since.offset, epoch):
+                # Known unrecoverable without a read: a reconnect storm of clients too far behind
+                # costs one read per channel, not one each.
                 return self._answer([], False, offset, epoch)
             got = await self._read(channel, since)
             frames, complete = _after(got, since)
+            if not complete and got.position.epoch == since.epoch:
+                # The stream is trimmed from its oldest end: what it lacks after since, it lacks before.
+                floor = got.frames[0][0] if got.frames else got.position.offset + 1
+                self._hub.note_floor(channel, got.position.epoch, floor)
             if not complete:
+                # What the history still held serves the clients that come next from there on.
+                self._hub.remember(channel, got.position.epoch, got.frames, RECENT_WINDOW)
                 offset, epoch = self._hub.position(channel) or (got.position.offset, got.position.epoch)
                 return self._answer([], False, offset, epoch)
             self._hub.remember(channel, got.position.epoch, got.frames, RECENT_WINDOW)

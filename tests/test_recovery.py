@@ -143,3 +143,16 @@ async def test_a_joining_client_gets_what_it_missed_then_its_ack_then_live_ones_
     assert frames[3] == {**ack, "recovered": True}
     assert frames[4]["offset"] == 6 and len(frames) == 5
     assert [orjson.loads(t) for m in fresh.messages for t in m.texts] == [ack, orjson.loads(w.frames[6])]
+
+
+async def test_clients_too_far_behind_cost_one_read_not_one_each(redis: Redis) -> None:
+    w = _Worker(redis, size=3)
+    await w.start()
+    epoch = await w.publish(10)
+    w.deliver(*range(1, 11), epoch=epoch)
+    # One after another, as a reconnect storm spreads over a second: no read to share.
+    behind = [await w.recovery.recover("c", Position(4 - n % 5, epoch)) for n in range(500)]
+    assert all(not r.recovered and r.frames == [] and r.offset == 10 for r in behind)
+    near = await w.recovery.recover("c", Position(8, epoch))
+    assert near.recovered and [o for o, _ in near.frames] == [9, 10]
+    assert w.recovery.reads <= 2, w.recovery.reads
