@@ -179,8 +179,10 @@ async def _measure(args: argparse.Namespace) -> dict[str, TargetResult]:
             else:
                 assert redis is not None
                 if name in variants:
+                    # Each its own prefix: a channel's offsets and history start afresh for each.
+                    prefix = "bench:" if name == "wsbroadcast" else f"bench{list(variants).index(name)}:"
                     target = await asyncio.to_thread(start_wsbroadcast, redis.url, args.workers, variants[name],
-                                                     args.publish_via, name)
+                                                     args.publish_via, name, prefix)
                 else:
                     target = await asyncio.to_thread(start_broadcaster, redis.url, args.workers)
             _describe_workers(target, attached=bool(args.url))

@@ -116,6 +116,7 @@ class RecoverState:
     pending: int  # sessions closed since the mark and not acknowledged again yet
     closed_since_mark: int
     ack_delays: list[float]  # each reconnection since the mark: ack minus handshake done, s
+    handshakes: list[tuple[float, float, float]]  # each reconnection since the mark: (closed, attempted, opened)
     last_ack: float  # monotonic time of the latest ack since the mark (0: none)
     behind: int
     sessions_behind: int
@@ -130,7 +131,7 @@ class _Failed:
 class _Session:
     """One logical client of the recover scenario: its position in the channel, across connections."""
 
-    __slots__ = ("ack_at", "acked", "closed_at", "epoch", "index", "last", "opened_at", "ws")
+    __slots__ = ("ack_at", "acked", "attempt_at", "closed_at", "epoch", "index", "last", "opened_at", "ws")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -139,6 +140,7 @@ class _Session:
         self.ws: _WS | None = None
         self.opened_at = 0.0
         self.ack_at = 0.0
+        self.attempt_at = 0.0
         self.acked = False  # the current connection's subscription is acknowledged
         self.closed_at = 0.0
 
@@ -307,6 +309,7 @@ class _ClientProc:
         self.closes: Counter[str] = Counter()
         self.connect_failures: Counter[str] = Counter()
         self.ack_delays: list[float] = []
+        self.handshakes: list[tuple[float, float, float]] = []
         self.last_ack = 0.0
         self.session_mark = 0.0
 
@@ -427,6 +430,7 @@ class _ClientProc:
     async def _reconnect(self, session: _Session, jitter: float) -> None:
         await asyncio.sleep(random.uniform(0, jitter))
         self.t["reconnects"] += 1
+        session.attempt_at = time.monotonic()
         await self._session_open(session, retry=True)
 
     async def _session_open(self, session: _Session, retry: bool) -> bool:
@@ -471,6 +475,8 @@ class _ClientProc:
             session.ws = ws
             session.acked = False
             session.opened_at = time.monotonic()
+            if session.closed_at >= self.session_mark and session.closed_at > 0:
+                self.handshakes.append((session.closed_at, session.attempt_at, session.opened_at))
             self.conns.append(ws)
             op: dict[str, object] = {"op": "subscribe", "channel": channel}
             if session.last is not None:
@@ -678,6 +684,7 @@ class _ClientProc:
         self.closes.clear()
         self.connect_failures.clear()
         self.ack_delays = []
+        self.handshakes = []
         self.last_ack = 0.0
         self.session_mark = time.monotonic()
 
@@ -694,6 +701,7 @@ class _ClientProc:
             unknown=t["unknown"] + t["epoch_unannounced"], closes=dict(self.closes),
             connect_failures=dict(self.connect_failures), reconnects=t["reconnects"],
             pending=sum(not s.acked for s in closed), closed_since_mark=len(closed), ack_delays=list(self.ack_delays),
+            handshakes=list(self.handshakes),
             last_ack=self.last_ack, behind=sum(behind), sessions_behind=len(behind), workers=dict(workers),
         )
 

@@ -158,7 +158,8 @@ class RecoverResult:
     ``frames_lost``: offsets some client never got with nothing explaining it (goal 0), summed over
     clients; ``gap_offsets``/``reload_offsets``: offsets a ``gap`` frame or a ``recovered:false``
     ack announced as lost. ``recover_ms``: per reconnection, its ``subscribed`` ack minus its
-    handshake; ``all_recovered_s``: from the SIGHUP to the last client's ack.
+    handshake; ``all_recovered_s``: from the SIGHUP to the last client's ack; ``handshake_ms``: how
+    long each reconnection waited for its handshake (the new workers starting and accepting).
     """
 
     clients: int
@@ -190,6 +191,13 @@ class RecoverResult:
     behind_at_end: int
     recover_ms: Latency | None
     recover_ms_mean: float | None
+    # Per reconnection: from its attempt (after the jitter) to the handshake's 101, ms.
+    handshake_ms: Latency | None
+    # From the SIGHUP: the first and the last reconnection's handshake done, s.
+    first_reopened_s: float | None
+    last_reopened_s: float | None
+    # Connections at most waiting in the server's listen queue (accepted by no worker yet) after the restart.
+    listen_queue_peak: int
     all_recovered_s: float | None
     history_reads: float | None
     server_recoveries: dict[str, float] | None

@@ -70,6 +70,17 @@ def _percentile(hist: Counter[int], total: int, q: float) -> float:
     return float("nan")
 
 
+def _quantiles_ms(sorted_s: list[float]) -> Latency | None:
+    """p50, p99 and max of sorted durations in seconds, in ms."""
+    if not sorted_s:
+        return None
+    return Latency(
+        p50=round(sorted_s[len(sorted_s) // 2] * 1000, 1),
+        p99=round(sorted_s[min(len(sorted_s) - 1, int(len(sorted_s) * 0.99))] * 1000, 1),
+        max=round(sorted_s[-1] * 1000, 1),
+    )
+
+
 def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -595,6 +606,8 @@ class Run:
         publishing = asyncio.create_task(publisher.run(rate, 1 << 30, args.payload, stop))
         pending = ok
         all_at: float | None = None
+        hup: float | None = None
+        queue_peak = 0
         try:
             await asyncio.sleep(args.recover_before)
             hup = time.monotonic()
@@ -603,13 +616,15 @@ class Run:
             deadline, shown = hup + args.recover_timeout, hup
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
+                queue_peak = max(queue_peak, t.accept_queue())
                 states = await self.clients.recover_state()
                 closed = sum(s.closed_since_mark for s in states)
                 pending = sum(s.pending for s in states) + ok - closed
                 if time.monotonic() - shown >= 1.0:
                     shown = time.monotonic()
                     log(f"{self.tag} recover {shown - hup:4.1f} s: closed {closed}/{ok}, open "
-                        f"{sum(s.open for s in states)}, waiting for their ack {pending}")
+                        f"{sum(s.open for s in states)}, waiting for their ack {pending}, in the listen queue "
+                        f"{t.accept_queue()}")
                 if pending == 0:
                     all_at = max(s.last_ack for s in states)
                     break
@@ -626,22 +641,36 @@ class Run:
             if sum(s.behind for s in states) == 0 or time.monotonic() > drain_until:
                 break
             await asyncio.sleep(0.2)
+        # The workers copy their counters to /metrics periodically: wait until it shows every
+        # subscription with since that the clients had answered (or a few sync periods).
+        answered = sum(s.recovered + s.reloads for s in states)
         metrics1 = await asyncio.to_thread(t.metrics)
+        metrics_until = time.monotonic() + 10
+        while metrics0 is not None and metrics1 is not None and time.monotonic() < metrics_until:
+            shown = sum(v - metrics0.get(k, 0.0) for k, v in metrics1.items()
+                        if k.startswith("wsbroadcast_recoveries_total"))
+            if shown >= answered:
+                break
+            await asyncio.sleep(0.5)
+            metrics1 = await asyncio.to_thread(t.metrics)
         workers_after = sorted(p.pid for p in t.workers())
         await self.close_all()
         result = self._recover_result(ok, dict(failed), before, states, metrics0, metrics1, published, pending,
-                                      workers_before, workers_after, None if all_at is None else all_at - hup)
+                                      workers_before, workers_after, None if all_at is None else all_at - hup, hup)
+        result.listen_queue_peak = queue_peak
         log(f"{self.tag} recover: frames lost {result.frames_lost}, duplicates {result.duplicates}, recovered "
             f"{result.recovered_true} (not: {result.recovered_false}), ack after reconnect "
             f"p99/max {result.recover_ms.p99 if result.recover_ms else 'n/a'}/"
             f"{result.recover_ms.max if result.recover_ms else 'n/a'} ms, all recovered "
-            f"{number(result.all_recovered_s, ' s')} after the SIGHUP, history reads {number(result.history_reads)}")
+            f"{number(result.all_recovered_s, ' s')} after the SIGHUP, history reads {number(result.history_reads)}; "
+            f"handshakes p50/p99/max {result.handshake_ms} ms, reopened {result.first_reopened_s}-"
+            f"{result.last_reopened_s} s after the SIGHUP")
         return result
 
     def _recover_result(
         self, ok: int, failed: dict[str, int], before: list[RecoverState], states: list[RecoverState],
         metrics0: dict[str, float] | None, metrics1: dict[str, float] | None, published: Any, pending: int,
-        workers_before: list[int], workers_after: list[int], all_recovered: float | None,
+        workers_before: list[int], workers_after: list[int], all_recovered: float | None, hup: float | None,
     ) -> RecoverResult:
         def total(name: str) -> int:
             return sum(getattr(s, name) for s in states)
@@ -659,13 +688,10 @@ class Run:
                     if key.startswith(prefix)}
 
         delays = sorted(d for s in states for d in s.ack_delays)
-        latency = None
-        if delays:
-            latency = Latency(
-                p50=round(delays[len(delays) // 2] * 1000, 1),
-                p99=round(delays[min(len(delays) - 1, int(len(delays) * 0.99))] * 1000, 1),
-                max=round(delays[-1] * 1000, 1),
-            )
+        latency = _quantiles_ms(delays)
+        handshakes = [h for s in states for h in s.handshakes]
+        waits = _quantiles_ms(sorted(opened - attempted for _, attempted, opened in handshakes))
+        reopened = sorted(opened for _, _, opened in handshakes)
         reads = delta("wsbroadcast_history_reads_total")
         recoveries = delta("wsbroadcast_recoveries_total")
         gaps = delta("wsbroadcast_gaps_sent_total")
@@ -699,6 +725,10 @@ class Run:
             behind_at_end=total("behind"),
             recover_ms=latency,
             recover_ms_mean=round(sum(delays) / len(delays) * 1000, 1) if delays else None,
+            handshake_ms=waits,
+            first_reopened_s=round(reopened[0] - hup, 3) if reopened and hup is not None else None,
+            last_reopened_s=round(reopened[-1] - hup, 3) if reopened and hup is not None else None,
+            listen_queue_peak=0,
             all_recovered_s=round(all_recovered, 3) if all_recovered is not None else None,
             history_reads=sum(reads.values()) if reads is not None else None,
             server_recoveries=recoveries,

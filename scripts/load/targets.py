@@ -133,6 +133,20 @@ class Target:
                 queued += int(parts[4].split(":")[0], 16)
         return established, queued
 
+    def accept_queue(self) -> int:
+        """Connections waiting in the server port's listen queue, not accepted by a worker yet."""
+        waiting = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                parts = line.split()
+                if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == self.port:
+                    waiting += int(parts[4].split(":")[1], 16)
+        return waiting
+
     def fanout_metric(self) -> tuple[float, float] | None:
         """(sum, count) of the server's fan-out histogram: arrival in a worker to the last socket."""
         if not self.fanout_histogram:
@@ -206,8 +220,7 @@ def _settings(prefix: str, env: dict[str, str]) -> Settings:
 
 
 def start_wsbroadcast(redis_url: str, workers: int, extra_env: dict[str, str], via: str = "function",
-                      name: str = "wsbroadcast") -> Target:
-    prefix = "bench:"
+                      name: str = "wsbroadcast", prefix: str = "bench:") -> Target:
     settings = _settings(prefix, extra_env)  # an invalid --env stops here, with the service's own message
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="loadtest-wsbroadcast-", suffix=".log")[1])
