@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--subscribers", type=int, default=2000, help="fanout, slow: subscribers")
     add("--rates", default="20,50,100,200", help="fanout: msg/s steps")
     add("--duration", type=float, default=10.0, help="fanout: seconds per step")
+    add("--all-rates", action="store_true",
+        help="fanout: measure every rate even after one failed (to compare services; the highest passing "
+             "rate still counts only the steps below the first failure)")
     add("--payload", type=int, default=200, help="bytes of data per frame")
     add("--slow-fraction", type=float, default=0.10, help="slow: share of the subscribers that stop reading")
     add("--slow-rate", type=float, default=20.0, help="slow: msg/s")

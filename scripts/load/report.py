@@ -89,7 +89,8 @@ def _rows(result: TargetResult) -> Iterator[tuple[str, str]]:
     if rate:
         for way in rate.ways:
             yield (f"publish-rate via {way.via}", f"{way.per_s:.0f}/s ({way.concurrency} publishers, "
-                   f"{rate.subscribers} subscribers, Redis {number(way.redis_cpu_us_per_publication)} us each)")
+                   f"{rate.subscribers} subscribers, Redis {number(way.redis_cpu_us_per_publication)} us each, "
+                   f"publishing process {way.publisher_cores} cores)")
     recover = result.recover
     if isinstance(recover, RecoverResult):
         yield (f"recover: {recover.clients} clients, workers restarted", _recover_text(recover))

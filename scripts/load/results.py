@@ -217,6 +217,9 @@ class PublishRate:
     failed: int
     per_s: float
     redis_cpu_us_per_publication: float | None
+    redis_cores: float | None
+    # The publishers share one process (one core at most): near 1.0, it was the limit, not Redis.
+    publisher_cores: float
 
 
 @dataclass
