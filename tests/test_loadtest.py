@@ -89,12 +89,15 @@ def test_recover_counts_every_offset_across_a_restart_of_every_worker() -> None:
         # Every client checked every offset it was sent after its first ack.
         assert result["frames_checked"] >= 20 * 10
         assert result["recover_ms"]["max"] > 0 and result["handshake_ms"]["max"] > 0
-    # Every reconnection (a client may have made two) subscribed with since and was answered.
-    assert on["recovered_true"] == on["reconnects"] and on["recovered_false"] == 0 and on["reload_offsets"] == 0
+    # Every client's last connection subscribed with since and was answered (one that reconnected
+    # to the other old worker may have been closed again before its answer).
+    assert 20 <= on["recovered_true"] <= on["reconnects"] and on["recovered_false"] == 0 and on["reload_offsets"] == 0
     assert on["history_reads"] >= 1 and on["pass"] is True
-    assert on["server_recoveries"] == {'wsbroadcast_recoveries_total{recovered="true"}': on["reconnects"],
-                                       'wsbroadcast_recoveries_total{recovered="false"}': 0.0}
-    assert off["history_size"] == 0 and off["recovered_false"] == off["reconnects"] and off["recovered_true"] == 0
+    server = on["server_recoveries"]
+    assert on["recovered_true"] <= server['wsbroadcast_recoveries_total{recovered="true"}'] <= on["reconnects"]
+    assert server['wsbroadcast_recoveries_total{recovered="false"}'] == 0
+    assert off["history_size"] == 0 and 20 <= off["recovered_false"] <= off["reconnects"]
+    assert off["recovered_true"] == 0
     assert off["reload_offsets"] > 0  # what they missed while away, announced by recovered:false
     assert "recover: 20 clients, workers restarted  frames lost 0" in out
     assert "| wsbroadcast | wsbroadcast HISTORY_SIZE=0 |" in out
