@@ -6,6 +6,11 @@ validation, a queue and a task wake-up per message), on the cores the server nee
 carries a sequence number and its publish time (``CLOCK_MONOTONIC``, shared by processes on one
 host), so loss, duplicates and reordering are counted, and latency is publish-to-receipt.
 
+The ``recover`` scenario's clients are tracked sessions instead (``cmd_sessions``): each
+subscribes with an op, checks every frame's ``offset`` against the last it saw (a jump is lost
+unless a ``gap`` or a ``recovered:false`` ack announced it), and when closed reconnects after a
+jitter and subscribes with ``since`` its last offset, across as many connections as it takes.
+
 The orchestrator drives each process over a pipe (``Clients``); a process answers every command
 on its event loop.
 """

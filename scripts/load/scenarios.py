@@ -9,6 +9,10 @@ still stands, but a failure may be the client's, and the ladder of rates stops t
 
 Server CPU per delivery = CPU time of the worker processes over the step, divided by the
 deliveries counted by the clients; n/a when no worker process could be measured.
+
+``recover`` restarts every worker (SIGHUP to the gunicorn master) under a steady publisher and
+counts, per client, every offset seen, lost, duplicated or announced lost, the time from each
+reconnection's handshake to its ``subscribed`` answer, and the history reads it cost (/metrics).
 """
 
 from __future__ import annotations
