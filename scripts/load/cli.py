@@ -2,7 +2,15 @@
 
 Scenarios: ``idle`` (RSS per idle connection, memory given back after close), ``fanout``
 (deliveries/s, loss, latency and server CPU per delivery at each publish rate), ``slow`` (10% of
-the clients stop reading while 2 KB frames flow), ``redis-restart`` (Redis down for 1 s mid-stream).
+the clients stop reading while 2 KB frames flow), ``redis-restart`` (Redis down for 1 s mid-stream),
+``publish-rate`` (publications per second through the publish function and through plain PUBLISH),
+``recover`` (every worker restarted under a steady publisher: the clients reconnect with ``since``
+their last offset; frames lost, time to recover, history reads).
+
+wsbroadcast is published to through its Redis function ``wsb_publish`` (offsets and history, as
+apps publish), or with ``--publish-via publish`` by plain PUBLISH of ready frames (no offsets);
+the broadcaster baseline always by PUBLISH. ``--compare-env KEY=VALUE`` runs the same scenarios
+against a second wsbroadcast with that setting too (e.g. HISTORY_SIZE=0), side by side.
 
 By default it starts what it measures, which needs a clone of the repository: a private Redis and
 the service from the Procfile's web line (or, ``--target broadcaster``, the encode/broadcaster
@@ -31,14 +39,16 @@ from typing import Any
 import orjson
 
 from scripts.load import report
+from scripts.load.publisher import VIA
 from scripts.load.rawclient import Clients, raise_fd_limit
 from scripts.load.results import TargetResult, to_json
 from scripts.load.scenarios import Run, log
 from scripts.load.targets import Target, attach, ensure_baseline_venv, start_broadcaster, start_wsbroadcast
 from scripts.redis_server import PrivateRedis
 from scripts.service_process import ROOT, ServiceError, procfile_web
+from service.config import Settings, SettingsError
 
-SCENARIOS = ("idle", "fanout", "slow", "redis-restart")
+SCENARIOS = ("idle", "fanout", "slow", "redis-restart", "publish-rate", "recover")
 INSTALLED = "wsbroadcast-loadtest"
 
 
@@ -68,7 +78,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--server-pid", type=int, help="with --url: the gunicorn master (unset: the workers come from heartbeats)")
     add("--workers", type=int, default=2, help="workers of the service it starts")
     add("--env", action="append", default=[], metavar="KEY=VALUE",
-        help="a setting for the service it starts (repeatable), e.g. SEND_BUFFER_BYTES=65536")
+        help="a setting for the service it starts (repeatable), e.g. SEND_BUFFER_BYTES=65536; with --url, "
+             "its HISTORY_* settings, which the publish function is called with")
+    add("--compare-env", action="append", default=[], metavar="KEY=VALUE",
+        help="also run a wsbroadcast with these settings added (repeatable), e.g. HISTORY_SIZE=0")
+    add("--publish-via", choices=VIA, default="function",
+        help="how wsbroadcast is published to: its Redis function (offsets) or plain PUBLISH")
     add("--clients", type=int, default=max(2, os.cpu_count() or 2), help="client processes")
     add("--connections", type=int, default=5000, help="idle: connections")
     add("--connect-rate", type=float, default=1000.0, help="connections opened per second")
@@ -76,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--subscribers", type=int, default=2000, help="fanout, slow: subscribers")
     add("--rates", default="20,50,100,200", help="fanout: msg/s steps")
     add("--duration", type=float, default=10.0, help="fanout: seconds per step")
+    add("--all-rates", action="store_true",
+        help="fanout: measure every rate even after one failed (to compare services; the highest passing "
+             "rate still counts only the steps below the first failure)")
     add("--payload", type=int, default=200, help="bytes of data per frame")
     add("--slow-fraction", type=float, default=0.10, help="slow: share of the subscribers that stop reading")
     add("--slow-rate", type=float, default=20.0, help="slow: msg/s")
@@ -85,6 +103,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--restart-subscribers", type=int, default=200, help="redis-restart: subscribers")
     add("--restart-rate", type=float, default=100.0, help="redis-restart: msg/s")
     add("--outage", type=float, default=1.0, help="redis-restart: seconds Redis stays down")
+    add("--publish-subscribers", type=int, default=0, help="publish-rate: subscribers (0: the workers get none)")
+    add("--publish-concurrency", type=int, default=4, help="publish-rate: publishers, each one after the other")
+    add("--publish-seconds", type=float, default=5.0, help="publish-rate: seconds per way of publishing")
+    add("--recover-clients", type=int, default=2000, help="recover: clients")
+    add("--recover-rate", type=float, default=50.0, help="recover: msg/s")
+    add("--recover-jitter", type=float, default=1.0, help="recover: each client reconnects after 0 to this many s")
+    add("--recover-before", type=float, default=2.0, help="recover: s of publishing before the restart")
+    add("--recover-after", type=float, default=2.0, help="recover: s of publishing after every client recovered")
+    add("--recover-timeout", type=float, default=30.0, help="recover: s after the restart to wait for every client")
     add("--profile", metavar="DIR",
         help="py-spy every worker during each step into DIR (inflates server CPU: not for figures)")
     add("--json", metavar="PATH", help="write every figure as JSON ('-' for stdout)")
@@ -101,9 +128,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--url drives one running service; --target applies only to services this tool starts")
     if args.url and not (args.redis_url or os.environ.get("REDIS_URL")):
         parser.error("--url needs --redis-url (or REDIS_URL) to publish through")
-    bad = [item for item in args.env if "=" not in item]
-    if bad:
-        parser.error(f"--env {bad[0]!r}: expected KEY=VALUE")
+    for option, items in (("--env", args.env), ("--compare-env", args.compare_env)):
+        bad = [item for item in items if "=" not in item]
+        if bad:
+            parser.error(f"{option} {bad[0]!r}: expected KEY=VALUE")
+        try:
+            Settings.from_env(dict(item.split("=", 1) for item in [*args.env, *items]))
+        except SettingsError as exc:
+            parser.error(f"{option}: {exc}")
+    if args.compare_env and (args.url or args.target != "wsbroadcast"):
+        parser.error("--compare-env starts a second wsbroadcast: only with --target wsbroadcast, without --url")
     return args
 
 
@@ -135,14 +169,23 @@ async def _measure(args: argparse.Namespace) -> dict[str, TargetResult]:
             if "broadcaster" in names:
                 await asyncio.to_thread(ensure_baseline_venv)
         extra_env = dict(item.split("=", 1) for item in args.env)
+        variants = {"wsbroadcast": extra_env}
+        if args.compare_env:
+            added = dict(item.split("=", 1) for item in args.compare_env)
+            variants = {"wsbroadcast": extra_env,
+                        "wsbroadcast " + " ".join(f"{k}={v}" for k, v in added.items()): {**extra_env, **added}}
+            names = list(variants)
         for name in names:
             if args.url:
                 target = attach(args.url, args.redis_url or os.environ["REDIS_URL"], args.redis_prefix,
-                                args.server_pid)
+                                args.server_pid, extra_env, args.publish_via)
             else:
                 assert redis is not None
-                if name == "wsbroadcast":
-                    target = await asyncio.to_thread(start_wsbroadcast, redis.url, args.workers, extra_env)
+                if name in variants:
+                    # Each its own prefix: a channel's offsets and history start afresh for each.
+                    prefix = "bench:" if name == "wsbroadcast" else f"bench{list(variants).index(name)}:"
+                    target = await asyncio.to_thread(start_wsbroadcast, redis.url, args.workers, variants[name],
+                                                     args.publish_via, name, prefix)
                 else:
                     target = await asyncio.to_thread(start_broadcaster, redis.url, args.workers)
             _describe_workers(target, attached=bool(args.url))
@@ -185,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{_prog()}: {exc}", file=sys.stderr)
             return 2
     limit = raise_fd_limit()
-    needed = max(args.connections, args.subscribers) + 100
+    needed = max(args.connections, args.subscribers, args.recover_clients) + 100
     if limit < needed:
         print(f"{_prog()}: the fd limit is {limit}; {needed} are needed (raise it: ulimit -Hn)", file=sys.stderr)
         return 2

@@ -6,6 +6,11 @@ validation, a queue and a task wake-up per message), on the cores the server nee
 carries a sequence number and its publish time (``CLOCK_MONOTONIC``, shared by processes on one
 host), so loss, duplicates and reordering are counted, and latency is publish-to-receipt.
 
+The ``recover`` scenario's clients are tracked sessions instead (``cmd_sessions``): each
+subscribes with an op, checks every frame's ``offset`` against the last it saw (a jump is lost
+unless a ``gap`` or a ``recovered:false`` ack announced it), and when closed reconnects after a
+jitter and subscribes with ``since`` its last offset, across as many connections as it takes.
+
 The orchestrator drives each process over a pipe (``Clients``); a process answers every command
 on its event loop.
 """
@@ -15,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import multiprocessing
 import os
+import random
 import resource
 import signal
 import time
@@ -87,8 +94,60 @@ class Outcomes:
 
 
 @dataclass
+class RecoverState:
+    """The tracked sessions of one process (``cmd_sessions``): offsets seen, what explains a jump.
+
+    Offsets are checked per session across its reconnects: each publication must be the one after
+    the last seen; a jump is ``lost`` unless a ``gap`` frame or a ``recovered:false`` ack explains
+    it (``gap_offsets``, ``reload_offsets``). ``behind``: offsets up to ``top`` not seen yet.
+    """
+
+    sessions: int
+    open: int
+    frames: int
+    lost: int
+    dups: int
+    gaps: int
+    gap_offsets: int
+    reloads: int
+    reload_offsets: int
+    recovered: int
+    acks: int
+    errors: int
+    unknown: int
+    closes: dict[str, int]
+    connect_failures: dict[str, int]
+    reconnects: int
+    pending: int  # sessions closed since the mark and not acknowledged again yet
+    closed_since_mark: int
+    ack_delays: list[float]  # each reconnection since the mark: ack minus handshake done, s
+    handshakes: list[tuple[float, float, float]]  # each reconnection since the mark: (closed, attempted, opened)
+    last_ack: float  # monotonic time of the latest ack since the mark (0: none)
+    behind: int
+    sessions_behind: int
+    workers: dict[str, int]  # open sessions per worker (X-Wsbroadcast-Worker)
+
+
+@dataclass
 class _Failed:
     error: str
+
+
+class _Session:
+    """One logical client of the recover scenario: its position in the channel, across connections."""
+
+    __slots__ = ("ack_at", "acked", "attempt_at", "closed_at", "epoch", "index", "last", "opened_at", "ws")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.last: int | None = None  # the last offset seen (None: not subscribed yet)
+        self.epoch: str | None = None
+        self.ws: _WS | None = None
+        self.opened_at = 0.0
+        self.ack_at = 0.0
+        self.attempt_at = 0.0
+        self.acked = False  # the current connection's subscription is acknowledged
+        self.closed_at = 0.0
 
 
 def raise_fd_limit() -> int:
@@ -109,8 +168,10 @@ class _HandshakeError(Exception):
 class _WS(asyncio.Protocol):
     """One client WebSocket: HTTP/1.1 upgrade, then unmasked server frames parsed from a buffer."""
 
-    def __init__(self, client: _ClientProc, request: bytes, stall: bool) -> None:
+    def __init__(self, client: _ClientProc, request: bytes, stall: bool, session: _Session | None = None) -> None:
         self.client = client
+        self.session = session
+        self.worker = ""
         self.request = request
         self.stall = stall
         self.transport: asyncio.Transport | None = None
@@ -146,6 +207,8 @@ class _WS(asyncio.Protocol):
                 fut.exception()  # retrieved: nobody may be waiting (acks the target never sends)
         if not self.lost.done():
             self.lost.set_result(None)
+        if self.session is not None:
+            self.client.session_lost(self)
 
     def data_received(self, data: bytes) -> None:
         # One timestamp per read: every frame in the chunk arrived together.
@@ -156,7 +219,8 @@ class _WS(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 return
-            status = bytes(buf[: buf.find(b"\r\n")])
+            response = bytes(buf[:end])
+            status = response[: response.find(b"\r\n")]
             del buf[: end + 4]
             if not status.startswith(b"HTTP/1.1 101"):
                 self.opened.set_exception(_HandshakeError(status.decode("latin-1")[9:].strip() or "bad response"))
@@ -165,9 +229,13 @@ class _WS(asyncio.Protocol):
                 return
             self.open = True
             self.client.open += 1
+            marker = response.lower().find(b"\r\nx-wsbroadcast-worker:")
+            if marker >= 0:
+                line_end = response.find(b"\r\n", marker + 2)
+                self.worker = response[marker + 24 : line_end if line_end > 0 else None].strip().decode("latin-1")
             self.opened.set_result(None)
         pos, n = 0, len(buf)
-        on_text = self.client.on_text
+        on_text = self.client.on_tracked if self.session is not None else self.client.on_text
         while n - pos >= 2:
             b0, length = buf[pos], buf[pos + 1] & 0x7F
             head = 2
@@ -201,12 +269,17 @@ class _WS(asyncio.Protocol):
             del buf[:pos]
 
     def send(self, opcode: int, payload: bytes) -> None:
-        """A masked client frame (control frames only: payload < 126 bytes)."""
+        """A masked client frame (control frames, and small text frames: payload < 65536 bytes)."""
         if self.transport is None or self.transport.is_closing():
             return
         mask = os.urandom(4)
         masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
-        self.transport.write(bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked)
+        n = len(payload)
+        if n < 126:
+            head = bytes((0x80 | opcode, 0x80 | n))
+        else:
+            head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+        self.transport.write(head + mask + masked)
 
 
 class _ClientProc:
@@ -231,6 +304,19 @@ class _ClientProc:
         self.progress_cpu = self.mark_cpu
         self.progress_wall = self.mark_wall
         self.done: asyncio.Future[None] | None = None
+        # The recover scenario's sessions (cmd_sessions) and what they counted.
+        self.sessions: list[_Session] = []
+        # (host, port, path, channel, reconnect jitter, timeout) of the sessions.
+        self.session_target: tuple[str, int, str, str, float, float] | None = None
+        self.stopping = False
+        self.reconnecting: set[asyncio.Task[None]] = set()
+        self.t: Counter[str] = Counter()
+        self.closes: Counter[str] = Counter()
+        self.connect_failures: Counter[str] = Counter()
+        self.ack_delays: list[float] = []
+        self.handshakes: list[tuple[float, float, float]] = []
+        self.last_ack = 0.0
+        self.session_mark = 0.0
 
     def on_text(self, ws: _WS, payload: bytes, now: float) -> None:
         if payload.startswith(b'{"op"'):
@@ -272,6 +358,137 @@ class _ClientProc:
                 first.extend([0.0] * (seq + 1024 - len(first)))
             if first[seq] == 0.0:
                 first[seq] = now
+
+    def on_tracked(self, ws: _WS, payload: bytes, now: float) -> None:
+        """A frame to a tracked session: check its offset against the session's position."""
+        session = ws.session
+        assert session is not None
+        t = self.t
+        try:
+            frame = orjson.loads(payload)
+            op = frame.get("op")
+        except (orjson.JSONDecodeError, AttributeError):
+            t["unknown"] += 1
+            return
+        if op is None:
+            offset, epoch = frame.get("offset"), frame.get("epoch")
+            if not isinstance(offset, int) or session.last is None:
+                t["unknown"] += 1  # no offset, or before the first ack: nothing to check it against
+                return
+            t["frames"] += 1
+            if epoch != session.epoch:
+                # A new epoch unannounced: every offset of the old one after ours is unaccounted for.
+                t["epoch_unannounced"] += 1
+                session.epoch, session.last = epoch, offset
+            elif offset <= session.last:
+                t["dups"] += 1
+            else:
+                t["lost"] += offset - session.last - 1
+                session.last = offset
+            return
+        if op == "gap":
+            t["gaps"] += 1
+            offset = frame.get("offset", 0)
+            if frame.get("epoch") != session.epoch:
+                session.epoch, session.last = frame.get("epoch"), offset
+            elif session.last is not None and offset > session.last:
+                t["gap_offsets"] += offset - session.last
+                session.last = offset
+        elif op == "subscribed":
+            offset, epoch, recovered = frame.get("offset", 0), frame.get("epoch"), frame.get("recovered")
+            t["acks"] += 1
+            if recovered is True:
+                t["recovered"] += 1
+                if session.last is not None and offset > session.last:
+                    t["lost"] += offset - session.last  # acknowledged as recovered, yet not delivered
+            elif recovered is False:
+                t["reloads"] += 1
+                if session.last is not None and epoch == session.epoch and offset > session.last:
+                    t["reload_offsets"] += offset - session.last
+            if session.last is None or recovered is not True or offset > session.last or epoch != session.epoch:
+                session.last, session.epoch = offset, epoch
+            if not ws.acked.done():
+                ws.acked.set_result(None)
+            if not session.acked:
+                session.acked = True
+                session.ack_at = now
+                if session.closed_at >= self.session_mark and session.closed_at > 0:
+                    self.ack_delays.append(now - session.opened_at)
+                self.last_ack = max(self.last_ack, now)
+        elif op == "error":
+            t["errors"] += 1
+
+    def session_lost(self, ws: _WS) -> None:
+        session = ws.session
+        assert session is not None
+        if session.ws is not ws:
+            return
+        session.ws = None
+        session.acked = False
+        session.closed_at = time.monotonic()
+        self.closes[ws.outcome] += 1
+        if not self.stopping and self.session_target is not None:
+            task = asyncio.get_running_loop().create_task(self._reconnect(session, self.session_target[4]))
+            self.reconnecting.add(task)
+            task.add_done_callback(self.reconnecting.discard)
+
+    async def _reconnect(self, session: _Session, jitter: float) -> None:
+        await asyncio.sleep(random.uniform(0, jitter))
+        self.t["reconnects"] += 1
+        session.attempt_at = time.monotonic()
+        await self._session_open(session, retry=True)
+
+    async def _session_open(self, session: _Session, retry: bool) -> bool:
+        """Open a connection for ``session`` and subscribe, with ``since`` once it has a position.
+
+        With ``retry``, a failed handshake (the workers restarting, a full backlog) is tried again
+        after a jittered backoff until it works or the process stops.
+        """
+        assert self.session_target is not None
+        host, port, path, channel, _, timeout = self.session_target
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        while not self.stopping:
+            key = base64.b64encode(os.urandom(16)).decode()
+            request = (
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+            made: _WS | None = None
+            try:
+                _, proto = await asyncio.wait_for(
+                    loop.create_connection(functools.partial(_WS, self, request, False), host, port), timeout
+                )
+                made = proto
+                await asyncio.wait_for(asyncio.shield(proto.opened), timeout)
+            except (OSError, TimeoutError, _HandshakeError) as exc:
+                self.connect_failures[str(exc) if isinstance(exc, _HandshakeError) else type(exc).__name__] += 1
+                if made is not None and made.transport is not None:
+                    made.transport.abort()
+                if not retry:
+                    return False
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 1.0)
+                continue
+            ws: _WS = made
+            if self.stopping or not ws.open:
+                if ws.transport is not None:
+                    ws.transport.abort()
+                continue
+            # Attached only now: a handshake that failed is no session's connection.
+            ws.session = session
+            session.ws = ws
+            session.acked = False
+            session.opened_at = time.monotonic()
+            if session.closed_at >= self.session_mark and session.closed_at > 0:
+                self.handshakes.append((session.closed_at, session.attempt_at, session.opened_at))
+            self.conns.append(ws)
+            op: dict[str, object] = {"op": "subscribe", "channel": channel}
+            if session.last is not None:
+                op["since"] = {"offset": session.last, "epoch": session.epoch}
+            ws.send(1, orjson.dumps(op))
+            return True
+        return False
 
     async def _lag_monitor(self) -> None:
         interval = 0.05
@@ -418,6 +635,9 @@ class _ClientProc:
         return Outcomes(dict(Counter(ws.outcome for ws in stalled)), sum(ws.received for ws in stalled))
 
     async def cmd_close(self, timeout: float) -> int:
+        self.stopping = True  # sessions closed now stay closed
+        for task in list(self.reconnecting):
+            task.cancel()
         for ws in self.conns:
             if ws.open:
                 ws.send(8, (1000).to_bytes(2, "big"))
@@ -430,7 +650,65 @@ class _ClientProc:
                 ws.transport.abort()
                 aborted += 1
         self.conns = []
+        self.sessions = []
+        self.session_target = None
+        self.stopping = False
         return aborted
+
+    async def cmd_sessions(
+        self, host: str, port: int, path: str, channel: str, n: int, rate: float, jitter: float, timeout: float
+    ) -> ConnectReply:
+        """Open ``n`` tracked sessions, each subscribing with an op; they reconnect (after 0-``jitter`` s)
+        whenever closed, subscribing with ``since`` their last offset. Answers once every one is acknowledged."""
+        self.session_target = (host, port, path, channel, jitter, timeout)
+        start = time.monotonic()
+        gate = asyncio.Semaphore(200)
+        failures: Counter[str] = Counter()
+
+        async def one(index: int) -> None:
+            session = _Session(index)
+            delay = start + index / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            async with gate:
+                if not await self._session_open(session, retry=False):
+                    failures["connect"] += 1
+                    return
+                self.sessions.append(session)
+                assert session.ws is not None
+                try:
+                    await asyncio.wait_for(asyncio.shield(session.ws.acked), timeout)
+                except (TimeoutError, _HandshakeError):
+                    failures["no ack"] += 1
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return ConnectReply(n - sum(failures.values()), dict(failures))
+
+    async def cmd_session_mark(self) -> None:
+        self.t.clear()
+        self.closes.clear()
+        self.connect_failures.clear()
+        self.ack_delays = []
+        self.handshakes = []
+        self.last_ack = 0.0
+        self.session_mark = time.monotonic()
+
+    async def cmd_recover_state(self, top: int | None = None) -> RecoverState:
+        t = self.t
+        open_sessions = [s for s in self.sessions if s.ws is not None and s.ws.open]
+        closed = [s for s in self.sessions if s.closed_at >= self.session_mark and s.closed_at > 0]
+        behind = [top - (s.last or 0) for s in self.sessions if top is not None and (s.last or 0) < top]
+        workers = Counter(s.ws.worker for s in open_sessions if s.ws is not None)
+        return RecoverState(
+            sessions=len(self.sessions), open=len(open_sessions), frames=t["frames"], lost=t["lost"],
+            dups=t["dups"], gaps=t["gaps"], gap_offsets=t["gap_offsets"], reloads=t["reloads"],
+            reload_offsets=t["reload_offsets"], recovered=t["recovered"], acks=t["acks"], errors=t["errors"],
+            unknown=t["unknown"] + t["epoch_unannounced"], closes=dict(self.closes),
+            connect_failures=dict(self.connect_failures), reconnects=t["reconnects"],
+            pending=sum(not s.acked for s in closed), closed_since_mark=len(closed), ack_delays=list(self.ack_delays),
+            handshakes=list(self.handshakes),
+            last_ack=self.last_ack, behind=sum(behind), sessions_behind=len(behind), workers=dict(workers),
+        )
 
     async def cmd_quit(self) -> None:
         if self.done is not None and not self.done.done():
@@ -520,6 +798,16 @@ class Clients:
 
     async def outcomes(self, wait: float) -> list[Outcomes]:
         return await self._all("outcomes", wait=wait)
+
+    async def sessions(self, per_client: list[dict[str, Any]]) -> list[ConnectReply]:
+        """``per_client``: each process's cmd_sessions arguments."""
+        return list(await asyncio.gather(*(self._call(i, "sessions", kw) for i, kw in enumerate(per_client))))
+
+    async def session_mark(self) -> None:
+        await self._all("session_mark")
+
+    async def recover_state(self, top: int | None = None) -> list[RecoverState]:
+        return await self._all("recover_state", top=top)
 
     async def close(self, timeout: float) -> list[int]:
         """Close every connection (1000), abort those still open after ``timeout``; how many were aborted."""

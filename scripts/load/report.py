@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from scripts.load.results import IdleResult, RestartResult, StepResult, TargetResult
+from scripts.load.results import IdleResult, RecoverResult, RestartResult, StepResult, TargetResult
 
 
 def number(value: float | int | None, unit: str = "") -> str:
@@ -85,6 +85,26 @@ def _rows(result: TargetResult) -> Iterator[tuple[str, str]]:
                f"(all clients {number(restart.resume_all_s, ' s')}), "
                f"frames lost {restart.frames_lost} of {restart.published_ok}, connections "
                f"{restart.connections_before} -> {restart.connections_after}")
+    rate = result.publish_rate
+    if rate:
+        for way in rate.ways:
+            yield (f"publish-rate via {way.via}", f"{way.per_s:.0f}/s ({way.concurrency} publishers, "
+                   f"{rate.subscribers} subscribers, Redis {number(way.redis_cpu_us_per_publication)} us each, "
+                   f"publishing process {way.publisher_cores} cores)")
+    recover = result.recover
+    if isinstance(recover, RecoverResult):
+        yield (f"recover: {recover.clients} clients, workers restarted", _recover_text(recover))
+
+
+def _recover_text(recover: RecoverResult) -> str:
+    lat = recover.recover_ms
+    delays = f"{lat.p99}/{lat.max} ms" if lat is not None else "n/a"
+    return (f"frames lost {recover.frames_lost} (dup {recover.duplicates}; announced: gap {recover.gap_offsets}, "
+            f"recovered:false {recover.reload_offsets}), recovered {recover.recovered_true}/"
+            f"{recover.recovered_true + recover.recovered_false}, ack after reconnect p99/max {delays}, "
+            f"all recovered {number(recover.all_recovered_s, ' s')} after SIGHUP, "
+            f"history reads {number(recover.history_reads)}"
+            + (f", NOT RECOVERED {recover.not_recovered_in_time}" if recover.not_recovered_in_time else ""))
 
 
 def _step_at(result: TargetResult, rate: float) -> StepResult | None:
@@ -138,6 +158,19 @@ def _issue_rows(result: TargetResult) -> dict[str, str]:
         cells["Redis restart: deliveries resume after Redis is back"] = (
             number(restart.resume_s, " s") if restart.resume_s is not None else "never")
         cells["Redis restart: frames lost"] = f"{restart.frames_lost} of {restart.published_ok} published"
+    flat = result.publish_rate
+    if flat:
+        for way in flat.ways:
+            cells[f"publications/s via {way.via} ({way.concurrency} publishers)"] = (
+                f"{way.per_s:.0f} (Redis {number(way.redis_cpu_us_per_publication)} us each)")
+    recover = result.recover
+    if isinstance(recover, RecoverResult):
+        cells[f"recover, {recover.clients} clients x {recover.rate:g} msg/s: frames lost"] = (
+            f"{recover.frames_lost} (announced: {recover.gap_offsets + recover.reload_offsets})")
+        if recover.recover_ms is not None:
+            cells["recover: ack after reconnect, p99 / max"] = f"{recover.recover_ms.p99} / {recover.recover_ms.max} ms"
+        cells["recover: all recovered after the restart"] = number(recover.all_recovered_s, " s")
+        cells["recover: history reads"] = number(recover.history_reads)
     return cells
 
 

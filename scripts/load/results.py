@@ -152,6 +152,85 @@ class RestartResult:
 
 
 @dataclass
+class RecoverResult:
+    """Tracked clients closed by a restart of every worker (SIGHUP) under a steady publisher.
+
+    ``frames_lost``: offsets some client never got with nothing explaining it (goal 0), summed over
+    clients; ``gap_offsets``/``reload_offsets``: offsets a ``gap`` frame or a ``recovered:false``
+    ack announced as lost. ``recover_ms``: per reconnection, its ``subscribed`` ack minus its
+    handshake; ``all_recovered_s``: from the SIGHUP to the last client's ack; ``handshake_ms``: how
+    long each reconnection waited for its handshake (the new workers starting and accepting).
+    """
+
+    clients: int
+    connect_failed: dict[str, int]
+    rate: float
+    history_size: int
+    jitter_s: float
+    workers_before: list[int]
+    workers_after: list[int]
+    clients_per_worker_before: dict[str, int]
+    clients_per_worker_after: dict[str, int]
+    closes: dict[str, int]
+    reconnects: int
+    reconnect_failures: dict[str, int]
+    recovered_true: int
+    recovered_false: int
+    not_recovered_in_time: int
+    published: int
+    publish_failed: int
+    top_offset: int | None
+    frames_checked: int
+    frames_lost: int
+    duplicates: int
+    gaps: int
+    gap_offsets: int
+    reload_offsets: int
+    unchecked_frames: int
+    error_frames: int
+    behind_at_end: int
+    recover_ms: Latency | None
+    recover_ms_mean: float | None
+    # Per reconnection: from its attempt (after the jitter) to the handshake's 101, ms.
+    handshake_ms: Latency | None
+    # From the SIGHUP: the first and the last reconnection's handshake done, s.
+    first_reopened_s: float | None
+    last_reopened_s: float | None
+    # Connections at most waiting in the server's listen queue (accepted by no worker yet) after the restart.
+    listen_queue_peak: int
+    all_recovered_s: float | None
+    history_reads: float | None
+    server_recoveries: dict[str, float] | None
+    server_gaps_sent: float | None
+    publisher_behind_ms: float
+    passed: bool | None = field(default=None, metadata={**_key("pass"), **_OPTIONAL})
+
+
+@dataclass
+class PublishRate:
+    """One way of publishing, as fast as ``concurrency`` sequential publishers can."""
+
+    via: str
+    concurrency: int
+    seconds: float
+    published: int
+    failed: int
+    per_s: float
+    redis_cpu_us_per_publication: float | None
+    redis_cores: float | None
+    # The publishers share one process (one core at most): near 1.0, it was the limit, not Redis.
+    publisher_cores: float
+
+
+@dataclass
+class PublishRateResult:
+    subscribers: int
+    payload_bytes: int
+    history_size: int
+    ways: list[PublishRate]
+
+
+@dataclass
 class Skipped:
     skipped: str
 
@@ -164,6 +243,8 @@ class TargetResult:
     fanout: FanoutResult | None = field(default=None, metadata=_OPTIONAL)
     slow: SlowResult | None = field(default=None, metadata=_OPTIONAL)
     redis_restart: RestartResult | Skipped | None = field(default=None, metadata={**_key("redis-restart"), **_OPTIONAL})
+    publish_rate: PublishRateResult | None = field(default=None, metadata={**_key("publish-rate"), **_OPTIONAL})
+    recover: RecoverResult | Skipped | None = field(default=None, metadata=_OPTIONAL)
 
 
 def to_json(value: Any) -> Any:

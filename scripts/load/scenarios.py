@@ -1,4 +1,5 @@
-"""The scenarios: ``idle``, ``fanout``, ``slow``, ``redis-restart``, each a method of ``Run``.
+"""The scenarios, each a method of ``Run``: ``idle``, ``fanout``, ``slow``, ``redis-restart``,
+``publish-rate``, ``recover``.
 
 The load is checked, never assumed. A step whose publisher fell behind its schedule (over 250 ms,
 or under 97% of the rate) did not offer the load it names: it never counts as a pass. A client
@@ -8,6 +9,10 @@ still stands, but a failure may be the client's, and the ladder of rates stops t
 
 Server CPU per delivery = CPU time of the worker processes over the step, divided by the
 deliveries counted by the clients; n/a when no worker process could be measured.
+
+``recover`` restarts every worker (SIGHUP to the gunicorn master) under a steady publisher and
+counts, per client, every offset seen, lost, duplicated or announced lost, the time from each
+reconnection's handshake to its ``subscribed`` answer, and the history reads it cost (/metrics).
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from redis.exceptions import RedisError
 
-from scripts.load.publisher import Publisher
-from scripts.load.rawclient import BUCKET, Clients, Progress, split
+from scripts.load.publisher import VIA, Publisher
+from scripts.load.rawclient import BUCKET, Clients, Progress, RecoverState, split
 from scripts.load.report import idle_table, number, percent
 from scripts.load.results import (
     Connected,
@@ -35,14 +41,18 @@ from scripts.load.results import (
     IdleResult,
     Latency,
     PerSeq,
+    PublishRate,
+    PublishRateResult,
+    RecoverResult,
     RestartResult,
     Skipped,
     SlowResult,
     SlowSample,
     StepResult,
 )
-from scripts.load.targets import Target
+from scripts.load.targets import CHANNEL, Target
 from scripts.redis_server import PrivateRedis
+from service.publisher import PublishError
 
 # A step is refused when the load client itself was the bottleneck.
 CLIENT_CPU_LIMIT = 0.90
@@ -62,6 +72,17 @@ def _percentile(hist: Counter[int], total: int, q: float) -> float:
         if seen >= rank:
             return (index + 1) * BUCKET * 1000
     return float("nan")
+
+
+def _quantiles_ms(sorted_s: list[float]) -> Latency | None:
+    """p50, p99 and max of sorted durations in seconds, in ms."""
+    if not sorted_s:
+        return None
+    return Latency(
+        p50=round(sorted_s[len(sorted_s) // 2] * 1000, 1),
+        p99=round(sorted_s[min(len(sorted_s) - 1, int(len(sorted_s) * 0.99))] * 1000, 1),
+        max=round(sorted_s[-1] * 1000, 1),
+    )
 
 
 def log(line: str) -> None:
@@ -383,8 +404,11 @@ class Run:
                 if step.client_saturated:
                     log(f"{self.tag} {rate:g}/s failed with the load client saturated "
                         f"({'; '.join(step.client_saturated)}): the limit may be the client's, not the server's")
+                if self.args.all_rates:
+                    continue  # measured for comparison; the highest passing rate stays the one below it
                 break
-            best = rate
+            if all(s.passed for s in steps):
+                best = rate
         await self.close_all()
         return FanoutResult(subscribers=conn.ok, connect_failed=conn.failed, steps=steps, highest_rate_passing=best)
 
@@ -489,4 +513,238 @@ class Run:
         )
         await self.close_all()
         log(f"{self.tag} redis-restart: resume {result.resume_s} s; frames lost {lost_frames}")
+        return result
+
+    async def publish_rate(self) -> PublishRateResult:
+        """Publications per second each way (the function, plain PUBLISH), flat out, one after the other."""
+        n = self.args.publish_subscribers
+        if n:
+            await self.connect(n)
+            await self.warm()
+        ways = [via for via in VIA if via == "publish" or self.target.settings is not None]
+        result = PublishRateResult(subscribers=n, payload_bytes=self.args.payload, history_size=self._history_size(),
+                                   ways=[await self._flat_out(via) for via in ways])
+        if n:
+            await self.close_all()
+        return result
+
+    def _history_size(self) -> int:
+        return self.target.settings.history_size if self.target.settings is not None else 0
+
+    def _redis_cpu(self) -> float | None:
+        if self.redis is None or self.redis.process is None:
+            return None
+        with contextlib.suppress(psutil.Error):
+            times = self.target.proc(self.redis.process.pid).cpu_times()
+            return float(times.user + times.system)
+        return None
+
+    async def _flat_out(self, via: str) -> PublishRate:
+        concurrency, seconds, size = self.args.publish_concurrency, self.args.publish_seconds, self.args.payload
+        publishers = [Publisher(self.target, via=via) for _ in range(concurrency)]
+        counts = [0] * concurrency
+        failed = [0] * concurrency
+
+        async def loop(index: int, until: float) -> None:
+            publisher = publishers[index]
+            while time.monotonic() < until:
+                seq = self.seq
+                self.seq += 1
+                try:
+                    await publisher.send(seq, size)
+                except (RedisError, OSError, TimeoutError, PublishError):
+                    failed[index] += 1
+                    continue
+                counts[index] += 1
+
+        try:
+            # Connections made and the function loaded before the clock starts.
+            await asyncio.gather(*(loop(i, time.monotonic() + 0.5) for i in range(concurrency)))
+            counts[:] = [0] * concurrency
+            failed[:] = [0] * concurrency
+            cpu0, own0 = self._redis_cpu(), time.process_time()
+            started = time.monotonic()
+            await asyncio.gather(*(loop(i, started + seconds) for i in range(concurrency)))
+            wall = time.monotonic() - started
+            cpu1, own1 = self._redis_cpu(), time.process_time()
+        finally:
+            for publisher in publishers:
+                await publisher.close()
+        done = sum(counts)
+        result = PublishRate(
+            via=via, concurrency=concurrency, seconds=round(wall, 2), published=done, failed=sum(failed),
+            per_s=round(done / wall, 1),
+            redis_cpu_us_per_publication=round((cpu1 - cpu0) / done * 1e6, 2)
+            if cpu0 is not None and cpu1 is not None and done else None,
+            redis_cores=round((cpu1 - cpu0) / wall, 2) if cpu0 is not None and cpu1 is not None else None,
+            publisher_cores=round((own1 - own0) / wall, 2),
+        )
+        log(f"{self.tag} publish-rate via {via}: {result.per_s:.0f}/s with {concurrency} publishers "
+            f"(Redis {number(result.redis_cpu_us_per_publication)} us per publication, {result.redis_cores} cores; "
+            f"the publishing process {result.publisher_cores} cores)")
+        return result
+
+    async def recover(self) -> RecoverResult | Skipped:
+        t = self.target
+        if t.settings is None or t.publish_via != "function":
+            log(f"{self.tag} recover skipped: it needs offsets, published through the function")
+            return Skipped("needs the publish function (offsets)")
+        if t.master is None:
+            log(f"{self.tag} recover skipped: restarting the workers needs the gunicorn master (--server-pid)")
+            return Skipped("needs the gunicorn master's PID")
+        args = self.args
+        n, rate, jitter = args.recover_clients, args.recover_rate, args.recover_jitter
+        metrics0 = await asyncio.to_thread(t.metrics)
+        parts = split(n, len(self.clients.pipes))
+        started = time.monotonic()
+        replies = await self.clients.sessions([
+            {"host": t.host, "port": t.port, "path": "/ws?channels=", "channel": CHANNEL, "n": k,
+             "rate": args.connect_rate / len(parts), "jitter": jitter, "timeout": 15.0}
+            for k in parts
+        ])
+        failed: Counter[str] = Counter()
+        for r in replies:
+            failed.update(r.failed)
+        ok = sum(r.ok for r in replies)
+        log(f"{self.tag} recover: {ok}/{n} clients subscribed in {time.monotonic() - started:.1f} s"
+            + (f"; failed: {dict(failed)}" if failed else ""))
+        before = await self.clients.recover_state()
+        workers_before = sorted(p.pid for p in t.workers())
+        await self.clients.session_mark()
+        publisher = Publisher(t, self.seq)
+        stop = asyncio.Event()
+        publishing = asyncio.create_task(publisher.run(rate, 1 << 30, args.payload, stop))
+        pending = ok
+        all_at: float | None = None
+        hup: float | None = None
+        queue_peak = 0
+        try:
+            await asyncio.sleep(args.recover_before)
+            hup = time.monotonic()
+            t.reload()
+            log(f"{self.tag} recover: SIGHUP to the gunicorn master {t.master}: every worker is replaced")
+            deadline, shown = hup + args.recover_timeout, hup
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                queue_peak = max(queue_peak, t.accept_queue())
+                states = await self.clients.recover_state()
+                closed = sum(s.closed_since_mark for s in states)
+                pending = sum(s.pending for s in states) + ok - closed
+                if time.monotonic() - shown >= 1.0:
+                    shown = time.monotonic()
+                    log(f"{self.tag} recover {shown - hup:4.1f} s: closed {closed}/{ok}, open "
+                        f"{sum(s.open for s in states)}, waiting for their ack {pending}, in the listen queue "
+                        f"{t.accept_queue()}")
+                if pending == 0:
+                    all_at = max(s.last_ack for s in states)
+                    break
+            await asyncio.sleep(args.recover_after)
+        finally:
+            stop.set()
+            published = await publishing
+            self.seq = publisher.seq
+            await publisher.close()
+        top = published.top
+        drain_until = time.monotonic() + 10
+        while True:
+            states = await self.clients.recover_state(top)
+            if sum(s.behind for s in states) == 0 or time.monotonic() > drain_until:
+                break
+            await asyncio.sleep(0.2)
+        # The workers copy their counters to /metrics periodically: wait until it shows every
+        # subscription with since that the clients had answered (or a few sync periods).
+        answered = sum(s.recovered + s.reloads for s in states)
+        metrics1 = await asyncio.to_thread(t.metrics)
+        metrics_until = time.monotonic() + 10
+        while metrics0 is not None and metrics1 is not None and time.monotonic() < metrics_until:
+            shown = sum(v - metrics0.get(k, 0.0) for k, v in metrics1.items()
+                        if k.startswith("wsbroadcast_recoveries_total"))
+            if shown >= answered:
+                break
+            await asyncio.sleep(0.5)
+            metrics1 = await asyncio.to_thread(t.metrics)
+        workers_after = sorted(p.pid for p in t.workers())
+        await self.close_all()
+        result = self._recover_result(ok, dict(failed), before, states, metrics0, metrics1, published, pending,
+                                      workers_before, workers_after, None if all_at is None else all_at - hup, hup)
+        result.listen_queue_peak = queue_peak
+        log(f"{self.tag} recover: frames lost {result.frames_lost}, duplicates {result.duplicates}, recovered "
+            f"{result.recovered_true} (not: {result.recovered_false}), ack after reconnect "
+            f"p99/max {result.recover_ms.p99 if result.recover_ms else 'n/a'}/"
+            f"{result.recover_ms.max if result.recover_ms else 'n/a'} ms, all recovered "
+            f"{number(result.all_recovered_s, ' s')} after the SIGHUP, history reads {number(result.history_reads)}; "
+            f"handshakes p50/p99/max {result.handshake_ms} ms, reopened {result.first_reopened_s}-"
+            f"{result.last_reopened_s} s after the SIGHUP")
+        return result
+
+    def _recover_result(
+        self, ok: int, failed: dict[str, int], before: list[RecoverState], states: list[RecoverState],
+        metrics0: dict[str, float] | None, metrics1: dict[str, float] | None, published: Any, pending: int,
+        workers_before: list[int], workers_after: list[int], all_recovered: float | None, hup: float | None,
+    ) -> RecoverResult:
+        def total(name: str) -> int:
+            return sum(getattr(s, name) for s in states)
+
+        def merged(name: str, of: list[RecoverState]) -> dict[str, int]:
+            out: Counter[str] = Counter()
+            for s in of:
+                out.update(getattr(s, name))
+            return dict(out)
+
+        def delta(prefix: str) -> dict[str, float] | None:
+            if metrics0 is None or metrics1 is None:
+                return None
+            return {key: round(value - metrics0.get(key, 0.0), 3) for key, value in metrics1.items()
+                    if key.startswith(prefix)}
+
+        delays = sorted(d for s in states for d in s.ack_delays)
+        latency = _quantiles_ms(delays)
+        handshakes = [h for s in states for h in s.handshakes]
+        waits = _quantiles_ms(sorted(opened - attempted for _, attempted, opened in handshakes))
+        reopened = sorted(opened for _, _, opened in handshakes)
+        reads = delta("wsbroadcast_history_reads_total")
+        recoveries = delta("wsbroadcast_recoveries_total")
+        gaps = delta("wsbroadcast_gaps_sent_total")
+        result = RecoverResult(
+            clients=ok,
+            connect_failed=failed,
+            rate=self.args.recover_rate,
+            history_size=self._history_size(),
+            jitter_s=self.args.recover_jitter,
+            workers_before=workers_before,
+            workers_after=workers_after,
+            clients_per_worker_before=merged("workers", before),
+            clients_per_worker_after=merged("workers", states),
+            closes=merged("closes", states),
+            reconnects=total("reconnects"),
+            reconnect_failures=merged("connect_failures", states),
+            recovered_true=total("recovered"),
+            recovered_false=total("reloads"),
+            not_recovered_in_time=pending,
+            published=published.hi - published.lo,
+            publish_failed=len(published.failed),
+            top_offset=published.top,
+            frames_checked=total("frames"),
+            frames_lost=total("lost") + total("behind"),
+            duplicates=total("dups"),
+            gaps=total("gaps"),
+            gap_offsets=total("gap_offsets"),
+            reload_offsets=total("reload_offsets"),
+            unchecked_frames=total("unknown"),
+            error_frames=total("errors"),
+            behind_at_end=total("behind"),
+            recover_ms=latency,
+            recover_ms_mean=round(sum(delays) / len(delays) * 1000, 1) if delays else None,
+            handshake_ms=waits,
+            first_reopened_s=round(reopened[0] - hup, 3) if reopened and hup is not None else None,
+            last_reopened_s=round(reopened[-1] - hup, 3) if reopened and hup is not None else None,
+            listen_queue_peak=0,
+            all_recovered_s=round(all_recovered, 3) if all_recovered is not None else None,
+            history_reads=sum(reads.values()) if reads is not None else None,
+            server_recoveries=recoveries,
+            server_gaps_sent=sum(gaps.values()) if gaps is not None else None,
+            publisher_behind_ms=round(published.max_behind * 1000, 1),
+        )
+        result.passed = (result.frames_lost == 0 and result.duplicates == 0 and pending == 0
+                         and latency is not None and latency.max <= 2000)
         return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import redis
 
 from scripts.redis_server import free_port, terminate
 from scripts.service_process import ROOT, ServiceProcess, read_heartbeats, web_env
+from service.config import Settings
 from service.keys import Keys
 
 CHANNEL = "bench"
@@ -51,6 +53,9 @@ class Target:
     acks_subscriptions: bool  # the server confirms each subscription with a control frame
     fanout_histogram: bool  # /metrics has wsbroadcast_fanout_latency_seconds
     heartbeat_prefix: str | None  # its workers write heartbeats (with their counters) under this prefix
+    # The service's history settings and prefix, as its publishers use them (None: no publish function).
+    settings: Settings | None = None
+    publish_via: str = "publish"  # how the load is published: "function" (wsb_publish) or plain "publish"
     master: int | None = None
     log_path: Path | None = None
     service: ServiceProcess | None = None
@@ -128,6 +133,20 @@ class Target:
                 queued += int(parts[4].split(":")[0], 16)
         return established, queued
 
+    def accept_queue(self) -> int:
+        """Connections waiting in the server port's listen queue, not accepted by a worker yet."""
+        waiting = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                parts = line.split()
+                if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == self.port:
+                    waiting += int(parts[4].split(":")[1], 16)
+        return waiting
+
     def fanout_metric(self) -> tuple[float, float] | None:
         """(sum, count) of the server's fan-out histogram: arrival in a worker to the last socket."""
         if not self.fanout_histogram:
@@ -143,6 +162,29 @@ class Target:
             elif line.startswith("wsbroadcast_fanout_latency_seconds_count"):
                 count += float(line.rsplit(" ", 1)[1])
         return (total, count) if count else None
+
+    def metrics(self) -> dict[str, float] | None:
+        """Every ``wsbroadcast_*`` sample of /metrics (the host's workers summed), by name with labels."""
+        if not self.fanout_histogram:
+            return None
+        try:
+            text = httpx.get(f"{self.http}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return None
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("wsbroadcast_"):
+                name, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    samples[name] = samples.get(name, 0.0) + float(value)
+        return samples
+
+    def reload(self) -> bool:
+        """SIGHUP to the gunicorn master: every worker is replaced. False when no master is known."""
+        if self.master is None:
+            return False
+        os.kill(self.master, signal.SIGHUP)
+        return True
 
     def counters(self) -> dict[str, int] | None:
         """The workers' counters summed, from their heartbeats (None: this server writes none)."""
@@ -173,8 +215,13 @@ def _wait(ready: Any, timeout: float, what: str, process: subprocess.Popen[bytes
     raise RuntimeError(f"{what}: not ready within {timeout:.0f} s")
 
 
-def start_wsbroadcast(redis_url: str, workers: int, extra_env: dict[str, str]) -> Target:
-    prefix = "bench:"
+def _settings(prefix: str, env: dict[str, str]) -> Settings:
+    return Settings.from_env({**env, "REDIS_PREFIX": prefix})
+
+
+def start_wsbroadcast(redis_url: str, workers: int, extra_env: dict[str, str], via: str = "function",
+                      name: str = "wsbroadcast", prefix: str = "bench:") -> Target:
+    settings = _settings(prefix, extra_env)  # an invalid --env stops here, with the service's own message
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="loadtest-wsbroadcast-", suffix=".log")[1])
     env = web_env(port=port, workers=workers, redis_url=redis_url, prefix=prefix, settings=extra_env)
@@ -184,9 +231,9 @@ def start_wsbroadcast(redis_url: str, workers: int, extra_env: dict[str, str]) -
     except BaseException:
         service.stop(30)
         raise
-    return Target("wsbroadcast", "127.0.0.1", port, redis_url, prefix + CHANNEL, acks_subscriptions=True,
-                  fanout_histogram=True, heartbeat_prefix=prefix, master=service.pid, log_path=log_path,
-                  service=service)
+    return Target(name, "127.0.0.1", port, redis_url, prefix + CHANNEL, acks_subscriptions=True,
+                  fanout_histogram=True, heartbeat_prefix=prefix, settings=settings, publish_via=via,
+                  master=service.pid, log_path=log_path, service=service)
 
 
 def ensure_baseline_venv() -> Path:
@@ -235,10 +282,13 @@ def start_broadcaster(redis_url: str, workers: int) -> Target:
     return target
 
 
-def attach(url: str, redis_url: str, prefix: str, master: int | None) -> Target:
+def attach(url: str, redis_url: str, prefix: str, master: int | None, env: dict[str, str] | None = None,
+           via: str = "function") -> Target:
     """A running service at ``url`` (ws://host:port); its workers are found from their heartbeats
-    in Redis (the ones on this host can be measured), or as the children of ``master``."""
+    in Redis (the ones on this host can be measured), or as the children of ``master``. ``env``:
+    its history settings (HISTORY_SIZE...), which the publish function is called with."""
     rest = url.split("://", 1)[-1].split("/", 1)[0]
     host, _, port_text = rest.rpartition(":")
     return Target("wsbroadcast", host or "127.0.0.1", int(port_text), redis_url, prefix + CHANNEL,
-                  acks_subscriptions=True, fanout_histogram=True, heartbeat_prefix=prefix, master=master)
+                  acks_subscriptions=True, fanout_histogram=True, heartbeat_prefix=prefix,
+                  settings=_settings(prefix, env or {}), publish_via=via, master=master)
