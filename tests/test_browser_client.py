@@ -11,32 +11,18 @@ import http.server
 import json
 import os
 import re
-import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import BrowserContext, Page, Playwright, sync_playwright
+from playwright.sync_api import BrowserContext, Page
 
 from scripts.redis_server import PrivateRedis
+from tests.browser import TIMEOUT_MS, chromium, save_screenshot, screenshot_dir
 from tests.support import ROOT, Service, SteadyPublisher, reload_workers, wait_until
-
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-TIMEOUT_MS = 30_000
 
 
 def example_page(service: Service) -> str:
@@ -47,24 +33,13 @@ def example_page(service: Service) -> str:
 
 
 @pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/test as root (it installs it) or apt-get install -y chromium")
-    with sync_playwright() as pw:
-        yield pw
-
-
-@pytest.fixture(scope="module")
-def browser(playwright: Playwright) -> Iterator[BrowserContext]:
-    profile = tempfile.mkdtemp(prefix="wsbroadcast-chromium-")
-    context = playwright.chromium.launch_persistent_context(
-        profile, executable_path=CHROMIUM, headless=True, args=FLAGS, viewport={"width": 800, "height": 600}
-    )
-    try:
-        yield context
-    finally:
-        context.close()
-        shutil.rmtree(profile, ignore_errors=True)
+def browser() -> Iterator[BrowserContext]:
+    with chromium() as launched:
+        context = launched.new_context(viewport={"width": 800, "height": 600})
+        try:
+            yield context
+        finally:
+            context.close()
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +53,7 @@ def pages() -> Iterator[StaticPages]:
 
 @pytest.fixture(scope="module")
 def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """$WSBROADCAST_SCREENSHOTS, else pytest's own temp directory (kept for the last few runs)."""
-    chosen = os.environ.get("WSBROADCAST_SCREENSHOTS")
-    if not chosen:
-        return tmp_path_factory.mktemp("screenshots")
-    path = Path(chosen)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def save(page: Page, screenshots: Path, name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    target = screenshots / f"{name}.png"
-    page.screenshot(path=str(target), full_page=True)
-    with capsys.disabled():
-        print(f"\nscreenshot: {target}")
+    return screenshot_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +151,7 @@ def test_example_page_gets_every_publication_in_order(
     numbered = [line.split(" ", 1)[1] for line in lines if '"n"' in line]
     assert numbered == [f'{{"n":{i}}}' for i in range(30)]
     assert page.inner_text("#state") == "connected"
-    save(page, screenshots, "example-page", capsys)
+    save_screenshot(page, screenshots, "example-page", capsys)
     page.close()
 
 
@@ -329,6 +291,6 @@ def test_gap_reported_after_redis_lost_its_data(
             page.wait_for_function("document.body.innerText.includes('gap on news')")
             page.wait_for_function("document.body.innerText.includes('\"after the restart\"')")
         finally:
-            save(page, screenshots, "example-page-gap", capsys)
+            save_screenshot(page, screenshots, "example-page-gap", capsys)
         assert page.evaluate("window.gaps[0][0]") == "news"
         page.close()
