@@ -1,0 +1,328 @@
+"""Nothing lost silently, end to end: real Redis, the web line with 2 workers, real websockets clients.
+
+Every client's frames go through ``View``, which checks the contract's invariant as they arrive: per
+channel, offsets rise by one, except where a ``subscribed`` with ``recovered:false`` or a ``gap``
+frame explains a jump; nothing twice. Each test asserts that no client saw a violation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis
+from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from scripts.redis_server import PrivateRedis
+from service.config import Settings
+from service.keys import Keys
+from service.publisher import PublishError, publish
+from tests.support import Service, async_wait_until, wait_until
+
+CHANNEL = "feed"
+
+
+class View:
+    """One client's view of its channels across its connections, checked frame by frame."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # channel -> (offset, epoch) of the last publication accounted for (delivered or explained)
+        self.position: dict[str, tuple[int, str]] = {}
+        # channel -> the ``since`` of a subscribe not acknowledged yet (None: a plain subscribe)
+        self.pending: dict[str, tuple[int, str] | None] = {}
+        self.seen: set[tuple[str, str, int]] = set()
+        self.publications: list[dict[str, Any]] = []
+        self.acks: list[dict[str, Any]] = []
+        self.gaps: list[dict[str, Any]] = []
+        self.violations: list[str] = []
+
+    def subscribing(self, channel: str, since: tuple[int, str] | None) -> None:
+        self.pending[channel] = since
+        if since is not None:
+            self.position[channel] = since  # what it recovers must follow since
+
+    def disconnected(self) -> None:
+        self.pending.clear()  # a subscribe the server never acknowledged is made again
+
+    def see(self, frame: dict[str, Any]) -> None:
+        op, channel = frame.get("op"), frame.get("channel")
+        if op == "subscribed":
+            self._ack(str(channel), frame)
+        elif op == "gap":
+            self.gaps.append(frame)
+            here = self.position.get(str(channel))
+            if here is None:
+                self._violate(f"gap before any position: {frame}")
+            elif here[1] == frame["epoch"] and frame["offset"] < here[0]:
+                self._violate(f"gap behind the position {here}: {frame}")
+            self.position[str(channel)] = (frame["offset"], frame["epoch"])
+        elif op is None and "offset" in frame:
+            self._publication(str(channel), frame)
+        elif op is not None:
+            self._violate(f"unexpected frame: {frame}")
+
+    def _ack(self, channel: str, frame: dict[str, Any]) -> None:
+        self.acks.append(frame)
+        if channel not in self.pending:
+            self._violate(f"ack of no subscribe: {frame}")
+            return
+        since = self.pending.pop(channel)
+        here = (frame["offset"], frame["epoch"])
+        if since is None:
+            if "recovered" in frame:
+                self._violate(f"recovered in the ack of a plain subscribe: {frame}")
+        elif frame.get("recovered") is True:
+            # The recovered publications came first and reached the ack's offset.
+            if self.position.get(channel) != here:
+                self._violate(f"recovered:true at {here} but the client is at {self.position.get(channel)}")
+        elif frame.get("recovered") is not False:
+            self._violate(f"ack of a subscribe with since without recovered: {frame}")
+        self.position[channel] = here
+
+    def _publication(self, channel: str, frame: dict[str, Any]) -> None:
+        offset, epoch = frame["offset"], frame["epoch"]
+        key = (channel, epoch, offset)
+        if key in self.seen:
+            self._violate(f"duplicate {key}")
+            return
+        self.seen.add(key)
+        self.publications.append(frame)
+        here = self.position.get(channel)
+        if here is None:
+            self._violate(f"publication before the ack: {key}")
+        elif here != (offset - 1, epoch):
+            self._violate(f"publication {key} does not follow {here} and nothing explained the jump")
+        self.position[channel] = (offset, epoch)
+
+    def _violate(self, what: str) -> None:
+        self.violations.append(f"{self.name}: {what}")
+
+    def offsets(self, channel: str = CHANNEL) -> list[int]:
+        return [f["offset"] for f in self.publications if f["channel"] == channel]
+
+
+class Client:
+    """A real websockets client that records into its ``View`` and can reconnect with ``since``."""
+
+    def __init__(self, service: Service, name: str) -> None:
+        self.service = service
+        self.view = View(name)
+        self.ws: ClientConnection | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.close_codes: list[int | None] = []
+        self.worker = ""
+
+    async def connect(self, **kwargs: Any) -> Client:
+        """Connect with no channel (subscribes go as ops, each with its position when it has one)."""
+        self.ws = await self.service.connect("?channels=", **kwargs)
+        assert self.ws.response is not None
+        self.worker = self.ws.response.headers["x-wsbroadcast-worker"]
+        self.reader = asyncio.create_task(self._read(self.ws))
+        return self
+
+    async def subscribe(self, channel: str = CHANNEL, since: tuple[int, str] | None = None) -> None:
+        assert self.ws is not None
+        self.view.subscribing(channel, since)
+        op: dict[str, Any] = {"op": "subscribe", "channel": channel}
+        if since is not None:
+            op["since"] = {"offset": since[0], "epoch": since[1]}
+        await self.ws.send(orjson.dumps(op).decode())
+
+    async def resume(self, channel: str = CHANNEL) -> None:
+        """Subscribe from where this client is (a reconnect's recovery), or plainly if nowhere yet."""
+        await self.subscribe(channel, self.view.position.get(channel))
+
+    async def _read(self, ws: ClientConnection) -> None:
+        try:
+            async for raw in ws:
+                self.view.see(orjson.loads(raw))
+        except ConnectionClosed:
+            pass
+        self.close_codes.append(ws.close_code)
+        self.view.disconnected()
+
+    @property
+    def open(self) -> bool:
+        return self.reader is not None and not self.reader.done()
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self.reader is not None:
+            await self.reader
+
+    def acked(self, channel: str = CHANNEL) -> bool:
+        return self.open and channel in self.view.position and channel not in self.view.pending
+
+
+class Publisher:
+    """Publishes ``{"n": i}`` through the Python API (the Redis function) at a steady rate."""
+
+    def __init__(self, redis_url: str, service: Service, rate: float, channel: str = CHANNEL) -> None:
+        self.redis = Redis.from_url(redis_url, socket_timeout=2)
+        history = int(service.env.get("HISTORY_SIZE", "100"))
+        self.settings = Settings(redis_prefix=service.prefix, history_size=history)
+        self.rate = rate
+        self.channel = channel
+        self.made: list[tuple[int, str]] = []  # (offset, epoch) of each publication answered
+        self.failed = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def one(self, n: int) -> None:
+        try:
+            done = await publish(self.redis, self.channel, orjson.dumps({"n": n}), settings=self.settings)
+        except (PublishError, OSError, redis.RedisError):
+            self.failed += 1
+            await asyncio.sleep(0.05)
+        else:
+            self.made.append((done.offset, done.epoch))
+
+    async def _run(self) -> None:
+        started = time.monotonic()
+        n = 0
+        while True:
+            await self.one(n)
+            n += 1
+            await asyncio.sleep(max(0.0, started + n / self.rate - time.monotonic()))
+
+    def start(self) -> Publisher:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        await self.redis.aclose()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Client]]:
+    """The test's clients, closed at its end."""
+    made: list[Client] = []
+    try:
+        yield made
+    finally:
+        await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
+
+
+async def _connect(service: Service, made: list[Client], count: int, both: bool = True) -> list[Client]:
+    """``count`` clients subscribed to CHANNEL (acknowledged), on both workers when ``both``."""
+    new: list[Client] = []
+    for attempt in range(count + 200):
+        client = await Client(service, f"client{len(made)}").connect()
+        made.append(client)
+        new.append(client)
+        await client.subscribe()
+        if len(new) >= count and (not both or len({c.worker for c in new}) == 2):
+            break
+        assert attempt < count + 199, "every client landed on one worker"
+    await _all(new, lambda c: c.acked(), "every client's ack")
+    return new
+
+
+async def _all(made: list[Client], condition: Any, what: str, timeout: float = 20.0) -> None:
+    async def check() -> bool:
+        return all(condition(c) for c in made)
+
+    await async_wait_until(check, timeout, 0.02, what)
+
+
+def _violations(made: list[Client]) -> list[str]:
+    return [v for c in made for v in c.view.violations]
+
+
+def _post(service: Service, n: int, channel: str = CHANNEL) -> dict[str, Any]:
+    reply = service.publish(channel, {"n": n})
+    assert reply.status_code == 202, reply.text
+    body: dict[str, Any] = reply.json()
+    return body
+
+
+async def _publish(service: Service, count: int, channel: str = CHANNEL) -> list[dict[str, Any]]:
+    return [await asyncio.to_thread(_post, service, n, channel) for n in range(count)]
+
+
+def _metric(service: Service, name: str) -> float:
+    """A counter of /metrics summed over its labels (the host's workers)."""
+    text = service.get("/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in " {":
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --- 1, 2, 3: a client that reconnects with since ----------------------------------------------------
+
+
+async def test_a_client_back_from_a_disconnect_recovers_what_it_missed_then_live(
+    redis_server: PrivateRedis, clients: list[Client]
+) -> None:
+    with Service(redis_server.url, workers=2) as service:
+        (client, other) = await _connect(service, clients, 2)
+        await _publish(service, 3)
+        await _all(clients, lambda c: c.view.offsets() == [1, 2, 3], "1..3 live")
+        await client.close()
+        await _publish(service, 5)
+        await client.connect()
+        await client.resume()
+        await _all([client], lambda c: c.acked(), "the recovery's ack")
+        ack = client.view.acks[-1]
+        assert ack["recovered"] is True and ack["offset"] == 8, ack
+        assert client.view.offsets() == [1, 2, 3, 4, 5, 6, 7, 8]
+        await _publish(service, 1)
+        await _all(clients, lambda c: c.view.offsets() == list(range(1, 10)), "9 live, after the recovered ones")
+        assert not _violations(clients)
+        assert not any(c.view.gaps for c in clients)
+
+
+async def test_a_client_too_far_behind_is_told_it_did_not_recover_and_gets_no_old_frames(
+    redis_server: PrivateRedis, clients: list[Client]
+) -> None:
+    with Service(redis_server.url, workers=2, history_size=5) as service:
+        (client,) = await _connect(service, clients, 1, both=False)
+        await _publish(service, 2)
+        await _all([client], lambda c: c.view.offsets() == [1, 2], "1..2 live")
+        await client.close()
+        await _publish(service, 20)  # 3..22: the history keeps 18..22
+        await client.connect()
+        await client.resume()
+        await _all([client], lambda c: c.acked(), "the ack")
+        ack = client.view.acks[-1]
+        assert ack["recovered"] is False and ack["offset"] == 22, ack
+        assert client.view.offsets() == [1, 2]
+        await _publish(service, 1)
+        await _all([client], lambda c: c.view.offsets() == [1, 2, 23], "23 live")
+        assert not _violations(clients)
+
+
+async def test_a_client_with_another_epoch_is_told_it_did_not_recover(
+    redis_server: PrivateRedis, clients: list[Client]
+) -> None:
+    with Service(redis_server.url, workers=2) as service:
+        await _publish(service, 4)
+        client = await Client(service, "stranger").connect()
+        clients.append(client)
+        await client.subscribe(since=(2, "not-the-epoch"))
+        await _all([client], lambda c: c.acked(), "the ack")
+        ack = client.view.acks[-1]
+        assert ack["recovered"] is False and ack["offset"] == 4 and ack["epoch"] != "not-the-epoch", ack
+        assert client.view.publications == []
+        await _publish(service, 1)
+        await _all([client], lambda c: c.view.offsets() == [5], "5 live")
+        assert not _violations(clients)
