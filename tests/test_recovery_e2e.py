@@ -124,6 +124,8 @@ class Client:
         self.reader: asyncio.Task[None] | None = None
         self.close_codes: list[int | None] = []
         self.worker = ""
+        self.reading = asyncio.Event()  # cleared: the client stops reading (a slow consumer)
+        self.reading.set()
 
     async def connect(self, **kwargs: Any) -> Client:
         """Connect with no channel (subscribes go as ops, each with its position when it has one)."""
@@ -148,6 +150,7 @@ class Client:
     async def _read(self, ws: ClientConnection) -> None:
         try:
             async for raw in ws:
+                await self.reading.wait()
                 self.view.see(orjson.loads(raw))
         except ConnectionClosed:
             pass
@@ -171,24 +174,28 @@ class Client:
 class Publisher:
     """Publishes ``{"n": i}`` through the Python API (the Redis function) at a steady rate."""
 
-    def __init__(self, redis_url: str, service: Service, rate: float, channel: str = CHANNEL) -> None:
+    def __init__(self, redis_url: str, service: Service, rate: float, channel: str = CHANNEL, pad: int = 0) -> None:
         self.redis = Redis.from_url(redis_url, socket_timeout=2)
         history = int(service.env.get("HISTORY_SIZE", "100"))
         self.settings = Settings(redis_prefix=service.prefix, history_size=history)
         self.rate = rate
         self.channel = channel
+        self.pad = "x" * pad
         self.made: list[tuple[int, str]] = []  # (offset, epoch) of each publication answered
+        self.receivers: list[int] = []  # how many workers' listeners Redis handed each one to
         self.failed = 0
         self.task: asyncio.Task[None] | None = None
 
     async def one(self, n: int) -> None:
         try:
-            done = await publish(self.redis, self.channel, orjson.dumps({"n": n}), settings=self.settings)
+            data = orjson.dumps({"n": n, "pad": self.pad})
+            done = await publish(self.redis, self.channel, data, settings=self.settings)
         except (PublishError, OSError, redis.RedisError):
             self.failed += 1
             await asyncio.sleep(0.05)
         else:
             self.made.append((done.offset, done.epoch))
+            self.receivers.append(done.workers)
 
     async def _run(self) -> None:
         started = time.monotonic()
@@ -326,3 +333,157 @@ async def test_a_client_with_another_epoch_is_told_it_did_not_recover(
         await _publish(service, 1)
         await _all([client], lambda c: c.view.offsets() == [5], "5 live")
         assert not _violations(clients)
+
+
+# --- 4: a worker restarting (1012) under a steady publisher -------------------------------------------
+
+
+async def _keep_connected(client: Client, reconnects: list[float]) -> None:
+    """Whenever the client is closed, reconnect (to whichever worker answers) and resume with since."""
+    while True:
+        assert client.reader is not None
+        await asyncio.shield(client.reader)
+        for _ in range(200):
+            try:
+                await client.connect()
+                break
+            except (OSError, ConnectionClosed, TimeoutError) as exc:
+                await asyncio.sleep(0.05)
+                last = exc
+        else:
+            raise AssertionError(f"{client.view.name} could not reconnect: {last!r}")
+        reconnects.append(time.monotonic())
+        await client.resume()
+
+
+def _caught_up(client: Client, top: tuple[int, str]) -> bool:
+    return client.acked() and client.view.position.get(CHANNEL) == top
+
+
+async def test_a_worker_restart_loses_nothing_its_clients_recover_on_any_worker(
+    redis_server: PrivateRedis, clients: list[Client]
+) -> None:
+    with Service(redis_server.url, workers=2, history_size=1000) as service:
+        made = await _connect(service, clients, 16)
+        victim = made[0].worker
+        reconnects: list[float] = []
+        keepers = [asyncio.create_task(_keep_connected(c, reconnects)) for c in made]
+        publisher = Publisher(redis_server.url, service, rate=50).start()
+        try:
+            await async_wait_until(_count(publisher, 20), 20, what="20 publications")
+            os.kill(int(victim.rsplit(":", 1)[1]), signal.SIGTERM)
+            moved = [c for c in made if c.worker == victim]
+            await _all(moved, lambda c: len(c.close_codes) == 1 and c.acked(), "the closed clients to be back", 30)
+            mark = len(publisher.made)
+            await async_wait_until(_count(publisher, mark + 20), 20, what="20 publications after the restart")
+        finally:
+            await publisher.stop()
+        top = publisher.made[-1]
+        await _all(made, lambda c: _caught_up(c, top), f"every client at {top}", 30)
+        for keeper in keepers:
+            keeper.cancel()
+        await asyncio.gather(*keepers, return_exceptions=True)
+        assert not _violations(made)
+        everything = list(range(1, top[0] + 1))
+        assert [o for o, _ in publisher.made] == everything, "the publisher's offsets are contiguous"
+        for client in made:
+            assert client.view.offsets() == everything, client.view.name
+            assert not client.view.gaps, client.view.gaps
+        assert {c.close_codes[0] for c in moved} == {1012}
+        recoveries = [a for c in moved for a in c.view.acks if "recovered" in a]
+        assert len(recoveries) == len(moved) and all(a["recovered"] for a in recoveries), recoveries
+        print(
+            f"worker restart: {len(moved)} of {len(made)} clients closed 1012, reconnected and recovered; "
+            f"{top[0]} publications, each client got all of them once; {publisher.failed} publish failures"
+        )
+
+
+def _count(publisher: Publisher, count: int) -> Any:
+    async def enough() -> bool:
+        return len(publisher.made) >= count
+
+    return enough
+
+
+# --- 5: the workers' pub/sub connections killed under load ------------------------------------------
+
+
+async def test_client_kill_pubsub_under_load_the_workers_fill_the_hole_and_send_no_gap(
+    own_redis: PrivateRedis, clients: list[Client]
+) -> None:
+    with Service(own_redis.url, workers=2) as service:
+        made = await _connect(service, clients, 10)
+        publisher = Publisher(own_redis.url, service, rate=100).start()
+        raw = redis.Redis.from_url(own_redis.url)
+        try:
+            holes_before = _metric(service, "wsbroadcast_holes_total")
+            for round_ in range(3):
+                await async_wait_until(_count(publisher, 30 * (round_ + 1)), 20, what="publications")
+                killed = raw.client_kill_filter(_type="pubsub")  # CLIENT KILL TYPE pubsub
+                assert killed >= 2, killed  # both workers' listeners
+            await async_wait_until(_count(publisher, 120), 20, what="publications after the kills")
+        finally:
+            await publisher.stop()
+            raw.close()
+        top = publisher.made[-1]
+        await _all(made, lambda c: _caught_up(c, top), f"every client at {top}", 30)
+        assert not _violations(made)
+        everything = list(range(1, top[0] + 1))
+        for client in made:
+            assert client.view.offsets() == everything, client.view.name
+            assert not client.view.gaps, client.view.gaps
+        # Publications Redis handed to fewer than both workers' listeners: the holes the workers filled.
+        missed = sum(1 for workers in publisher.receivers if workers < 2)
+        holes = _metric(service, "wsbroadcast_holes_total") - holes_before
+        filled = _metric(service, "wsbroadcast_holes_filled_total")
+        print(f"CLIENT KILL TYPE pubsub x3 under 100/s: {top[0]} publications ({missed} reached fewer than both "
+              f"workers), every client got each once, no gap; holes {holes:.0f}, holes filled {filled:.0f}")
+        assert missed > 0, "the kills cost no publication: the test proved nothing
+
+
+# --- 6: Redis restarted without persistence ---------------------------------------------------------
+
+
+async def test_redis_restarted_empty_every_client_is_told_then_gets_the_new_epoch_from_one(
+    own_redis: PrivateRedis, clients: list[Client]
+) -> None:
+    with Service(own_redis.url, workers=2) as service:
+        made = await _connect(service, clients, 8)
+        publisher = Publisher(own_redis.url, service, rate=40).start()
+        try:
+            await async_wait_until(_count(publisher, 10), 20, what="publications before the restart")
+            old = publisher.made[-1][1]
+            await _all(made, lambda c: len(c.view.offsets()) >= 10, "the first publications delivered")
+            await asyncio.to_thread(own_redis.stop)
+            failed = publisher.failed
+            await async_wait_until(lambda: _true(publisher.failed > failed), 20, what="a publish refused")
+            await asyncio.to_thread(own_redis.start)
+
+            async def new_epoch() -> bool:
+                return sum(1 for _, e in publisher.made if e != old) >= 20
+
+            await async_wait_until(new_epoch, 40, what="20 publications in the new epoch")
+        finally:
+            await publisher.stop()
+        top = publisher.made[-1]
+        assert top[1] != old
+        await _all(made, lambda c: _caught_up(c, top), f"every client at {top}", 30)
+        assert not _violations(made)
+        fresh = [o for o, e in publisher.made if e == top[1]]
+        assert fresh == list(range(1, len(fresh) + 1))
+        for client in made:
+            view = client.view
+            told = [g for g in view.gaps if g["epoch"] == top[1]] + [
+                a for a in view.acks if a.get("recovered") is False and a["epoch"] == top[1]
+            ]
+            assert told, (view.name, view.gaps, view.acks)
+            new = [f["offset"] for f in view.publications if f["epoch"] == top[1]]
+            assert new == fresh, (view.name, new[:5])
+        print(
+            f"Redis restarted empty: {len(made)} clients each told (gap) and then got offsets 1..{top[0]} of the "
+            f"new epoch; {publisher.failed} publishes refused while it was down"
+        )
+
+
+async def _true(value: bool) -> bool:
+    return value
