@@ -438,7 +438,7 @@ async def test_client_kill_pubsub_under_load_the_workers_fill_the_hole_and_send_
         filled = _metric(service, "wsbroadcast_holes_filled_total")
         print(f"CLIENT KILL TYPE pubsub x3 under 100/s: {top[0]} publications ({missed} reached fewer than both "
               f"workers), every client got each once, no gap; holes {holes:.0f}, holes filled {filled:.0f}")
-        assert missed > 0, "the kills cost no publication: the test proved nothing
+        assert missed > 0, "the kills cost no publication: the test proved nothing"
 
 
 # --- 6: Redis restarted without persistence ---------------------------------------------------------
