@@ -487,3 +487,145 @@ async def test_redis_restarted_empty_every_client_is_told_then_gets_the_new_epoc
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# --- 7: drop-oldest announces what it dropped -------------------------------------------------------
+
+
+async def test_drop_oldest_sends_a_gap_that_explains_the_jump(redis_server: PrivateRedis, clients: list[Client]) -> None:
+    with Service(
+        redis_server.url, workers=2, slow_consumer_policy="drop-oldest", queue_size=8, send_buffer_bytes=4096
+    ) as service:
+        (fast,) = await _connect(service, clients, 1, both=False)
+        # The slow client: a tiny kernel receive buffer (autotuning off) and websockets' own queue
+        # of one frame, so that once it stops reading the server's queue fills at once.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", service.port))
+        slow = await Client(service, "slow").connect(max_queue=1, sock=sock)
+        clients.append(slow)
+        await slow.subscribe()
+        await _all([slow], lambda c: c.acked(), "the slow client's ack")
+        slow.reading.clear()
+        publisher = Publisher(redis_server.url, service, rate=1000, pad=8000)
+        try:
+            for n in range(200):  # 1.6 MB: far beyond the slow client's queue and socket buffers
+                await publisher.one(n)
+        finally:
+            await publisher.stop()
+        top = publisher.made[-1]
+        await _all([fast], lambda c: _caught_up(c, top), "the fast client to get everything")
+        slow.reading.set()
+        await _all([slow], lambda c: _caught_up(c, top), "the slow client to catch up")
+        assert not _violations(clients)
+        # The reading client is under the same policy: whatever it lost too, its gaps explained.
+        assert slow.view.gaps, "the slow client lost publications without a gap"
+        assert len(slow.view.offsets()) < top[0]
+        print(
+            f"drop-oldest: the slow client got {len(slow.view.offsets())} of {top[0]} publications and "
+            f"{len(slow.view.gaps)} gap frames explaining every jump; the reading one got "
+            f"{len(fast.view.offsets())} and {len(fast.view.gaps)} gaps"
+        )
+
+
+# --- 8: any language publishes with the function ------------------------------------------------------
+
+
+async def test_a_publication_made_with_redis_cli_is_delivered_and_recoverable(
+    redis_server: PrivateRedis, clients: list[Client]
+) -> None:
+    with Service(redis_server.url, workers=2) as service:
+        (live, late) = await _connect(service, clients, 2)
+        epoch = live.view.position[CHANNEL][1]
+        await late.close()
+        keys = Keys(service.prefix)
+        command = [
+            "redis-cli", "-p", str(redis_server.port), "FCALL", "wsb_publish", "2",
+            keys.meta(CHANNEL), keys.history(CHANNEL), keys.channel(CHANNEL), CHANNEL, '{"via":"redis-cli"}',
+            "100", "300000", str(30 * 86400 * 1000),
+        ]
+        done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0 and done.stdout.split()[:3] == ["0", "1", epoch], done
+        await _all([live], lambda c: c.view.offsets() == [1], "the live client to get it")
+        assert live.view.publications[0] == {"channel": CHANNEL, "offset": 1, "epoch": epoch, "data": {"via": "redis-cli"}}
+        await late.connect()
+        await late.resume()
+        await _all([late], lambda c: c.acked(), "the late client's recovery")
+        assert late.view.acks[-1]["recovered"] is True
+        assert late.view.publications == live.view.publications
+        assert not _violations(clients)
+
+
+# --- 9: a reconnect storm costs a handful of history reads ------------------------------------------
+
+
+async def test_a_storm_of_a_thousand_clients_recovering_one_channel_costs_a_handful_of_reads(
+    redis_server: PrivateRedis, clients: list[Client]
+) -> None:
+    count = 1000
+    with Service(redis_server.url, workers=2) as service:
+        (first,) = await _connect(service, clients, 1, both=False)
+        await _publish(service, 20)
+        await _all([first], lambda c: len(c.view.offsets()) == 20, "20 live")
+        epoch = first.view.position[CHANNEL][1]
+        storm: list[Client] = []
+        for start in range(0, count, 100):
+            batch = [Client(service, f"storm{n}") for n in range(start, start + 100)]
+            await asyncio.gather(*(c.connect() for c in batch))
+            storm += batch
+            clients += batch
+        assert len({c.worker for c in storm}) == 2
+        before = await asyncio.to_thread(_metric, service, "wsbroadcast_history_reads_total")
+        began = time.monotonic()
+        await asyncio.gather(*(c.subscribe(since=(10 + n % 5, epoch)) for n, c in enumerate(storm)))
+        await _all(storm, lambda c: c.acked(), "every client of the storm recovered", 60)
+        took = time.monotonic() - began
+        assert not _violations(clients)
+        for n, client in enumerate(storm):
+            assert client.view.acks[-1]["recovered"] is True, client.view.acks
+            assert client.view.offsets() == list(range(11 + n % 5, 21))
+        reads = await asyncio.to_thread(_settled_metric, service, "wsbroadcast_history_reads_total")
+        print(f"storm: {count} clients recovered one channel in {took:.2f} s with {reads - before:.0f} history reads")
+        assert reads - before <= 20, reads - before
+
+
+def _settled_metric(service: Service, name: str) -> float:
+    """The metric once it has stopped moving for longer than the other workers' sync period."""
+    seen: list[tuple[float, float]] = []
+
+    def stable() -> float | None:
+        now, value = time.monotonic(), _metric(service, name)
+        seen.append((now, value))
+        same = [t for t, v in seen if v == value]
+        return value if now - min(same) > 1.5 and all(v == value for t, v in seen if t >= min(same)) else None
+
+    result: float = wait_until(stable, 20, 0.2, f"{name} to settle")
+    return result
+
+
+# --- 10: no history at all ----------------------------------------------------------------------------
+
+
+async def test_without_history_offsets_and_positions_stay_and_every_missed_recovery_is_refused(
+    redis_server: PrivateRedis, clients: list[Client]
+) -> None:
+    with Service(redis_server.url, workers=2, history_size=0) as service:
+        (client, other) = await _connect(service, clients, 2)
+        await _publish(service, 3)
+        await _all(clients, lambda c: c.view.offsets() == [1, 2, 3], "1..3 live, with offsets")
+        await client.close()
+        await _publish(service, 2)
+        await client.connect()
+        await client.resume()  # since 3: 4 and 5 missed, and no history holds them
+        await _all([client], lambda c: c.acked(), "the ack")
+        ack = client.view.acks[-1]
+        assert ack["recovered"] is False and ack["offset"] == 5, ack
+        assert client.view.offsets() == [1, 2, 3]
+        await other.close()
+        await other.connect()
+        await other.resume()  # since 5: nothing missed
+        await _all([other], lambda c: c.acked(), "the ack")
+        assert other.view.acks[-1]["recovered"] is True and other.view.acks[-1]["offset"] == 5
+        await _publish(service, 1)
+        await _all(clients, lambda c: c.view.offsets()[-1:] == [6], "6 live")
+        assert not _violations(clients)
