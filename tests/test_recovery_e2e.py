@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 import redis
@@ -281,7 +280,7 @@ async def test_a_client_back_from_a_disconnect_recovers_what_it_missed_then_live
     redis_server: PrivateRedis, clients: list[Client]
 ) -> None:
     with Service(redis_server.url, workers=2) as service:
-        (client, other) = await _connect(service, clients, 2)
+        (client, _) = await _connect(service, clients, 2)
         await _publish(service, 3)
         await _all(clients, lambda c: c.view.offsets() == [1, 2, 3], "1..3 live")
         await client.close()
@@ -492,7 +491,9 @@ async def _true(value: bool) -> bool:
 # --- 7: drop-oldest announces what it dropped -------------------------------------------------------
 
 
-async def test_drop_oldest_sends_a_gap_that_explains_the_jump(redis_server: PrivateRedis, clients: list[Client]) -> None:
+async def test_drop_oldest_sends_a_gap_that_explains_the_jump(
+    redis_server: PrivateRedis, clients: list[Client]
+) -> None:
     with Service(
         redis_server.url, workers=2, slow_consumer_policy="drop-oldest", queue_size=8, send_buffer_bytes=4096
     ) as service:
@@ -547,7 +548,8 @@ async def test_a_publication_made_with_redis_cli_is_delivered_and_recoverable(
         done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=10)
         assert done.returncode == 0 and done.stdout.split()[:3] == ["0", "1", epoch], done
         await _all([live], lambda c: c.view.offsets() == [1], "the live client to get it")
-        assert live.view.publications[0] == {"channel": CHANNEL, "offset": 1, "epoch": epoch, "data": {"via": "redis-cli"}}
+        expected = {"channel": CHANNEL, "offset": 1, "epoch": epoch, "data": {"via": "redis-cli"}}
+        assert live.view.publications[0] == expected
         await late.connect()
         await late.resume()
         await _all([late], lambda c: c.acked(), "the late client's recovery")
@@ -629,3 +631,43 @@ async def test_without_history_offsets_and_positions_stay_and_every_missed_recov
         await _publish(service, 1)
         await _all(clients, lambda c: c.view.offsets()[-1:] == [6], "6 live")
         assert not _violations(clients)
+
+
+async def test_drop_oldest_never_drops_an_ack_queued_behind_a_backlog(
+    redis_server: PrivateRedis, clients: list[Client]
+) -> None:
+    with Service(
+        redis_server.url, workers=2, slow_consumer_policy="drop-oldest", queue_size=8, send_buffer_bytes=4096
+    ) as service:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", service.port))
+        slow = await Client(service, "slow").connect(max_queue=1, sock=sock)
+        clients.append(slow)
+        await slow.subscribe("other")
+        await _all([slow], lambda c: c.acked("other"), "the ack of other")
+        slow.reading.clear()
+        other = Publisher(redis_server.url, service, rate=1000, channel="other", pad=8000)
+        feed = Publisher(redis_server.url, service, rate=1000, pad=8000)
+        try:
+            for n in range(100):  # the slow client's socket is full and its queue holds a backlog
+                await other.one(n)
+            # This ack waits in the queue behind the backlog, which the next flood pushes out.
+            await slow.subscribe()
+            meta = Keys(service.prefix).meta(CHANNEL)
+
+            async def positioned() -> bool:  # the worker read the position its ack carries
+                return bool(await feed.redis.exists(meta))
+
+            await async_wait_until(positioned, 10, what="the subscription's position")
+            for n in range(100):
+                await feed.one(n)
+        finally:
+            await other.stop()
+            await feed.stop()
+        slow.reading.set()
+        tops = {"other": other.made[-1], CHANNEL: feed.made[-1]}
+        await _all([slow], lambda c: all(c.view.position.get(ch) == top for ch, top in tops.items()), "catch up")
+        assert not _violations(clients)
+        assert not slow.view.pending, slow.view.pending
+        assert [a["channel"] for a in slow.view.acks] == ["other", CHANNEL]
