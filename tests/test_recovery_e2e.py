@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 from scripts.redis_server import PrivateRedis
 from service.config import Settings
+from service.history import publish_call
 from service.keys import Keys
 from service.publisher import PublishError, publish
 from tests.support import Service, async_wait_until, wait_until
@@ -671,3 +672,36 @@ async def test_drop_oldest_never_drops_an_ack_queued_behind_a_backlog(
         assert not _violations(clients)
         assert not slow.view.pending, slow.view.pending
         assert [a["channel"] for a in slow.view.acks] == ["other", CHANNEL]
+
+
+async def test_a_channel_that_got_a_new_epoch_while_the_listeners_were_away_is_caught_up_at_once(
+    own_redis: PrivateRedis, clients: list[Client]
+) -> None:
+    with Service(own_redis.url, workers=2) as service:
+        made = await _connect(service, clients, 4)
+        await _publish(service, 3)
+        await _all(made, lambda c: c.view.offsets() == [1, 2, 3], "1..3 live")
+        old = made[0].view.position[CHANNEL][1]
+        keys, settings = Keys(service.prefix), Settings(redis_prefix=service.prefix)
+        raw = redis.Redis.from_url(own_redis.url)
+        try:
+            # In one transaction: the listeners cut, the channel lost (as by eviction or expiry: a
+            # new epoch), and two publications of the new epoch that no listener hears. Nothing is
+            # published after: the workers' check after their reconnect alone must deliver them.
+            pipe = raw.pipeline(transaction=True)
+            pipe.client_kill_filter(_type="pubsub")
+            pipe.delete(keys.meta(CHANNEL), keys.history(CHANNEL))
+            for n in range(2):
+                call_keys, args = publish_call(keys, settings, CHANNEL, orjson.dumps({"n": n}))
+                pipe.fcall("wsb_publish", len(call_keys), *call_keys, *args)
+            killed, _, first, second = pipe.execute()
+        finally:
+            raw.close()
+        assert killed >= 2 and first[3] == 0 and second[3] == 0, (killed, first, second)
+        new = second[2].decode()
+        assert new != old and second[1] == 2
+        await _all(made, lambda c: c.view.position.get(CHANNEL) == (2, new), "every client in the new epoch at 2")
+        assert not _violations(made)
+        for client in made:
+            assert [g["epoch"] for g in client.view.gaps] == [new], client.view.gaps
+            assert [f["offset"] for f in client.view.publications if f["epoch"] == new] == [1, 2]
