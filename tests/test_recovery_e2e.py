@@ -712,3 +712,33 @@ async def test_a_channel_that_got_a_new_epoch_while_the_listeners_were_away_is_c
         for client in made:
             assert [g["epoch"] for g in client.view.gaps] == [new], client.view.gaps
             assert [f["offset"] for f in client.view.publications if f["epoch"] == new] == [1, 2]
+
+
+async def test_a_repeated_subscribe_is_answered_in_order_with_the_publications_queued_before_it(
+    redis_server: PrivateRedis, clients: list[Client]
+) -> None:
+    # drop-oldest takes the queued (ASGI) path; the queue is long enough that nothing is dropped.
+    with Service(
+        redis_server.url, workers=2, slow_consumer_policy="drop-oldest", send_buffer_bytes=4096
+    ) as service:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", service.port))
+        slow = await Client(service, "slow").connect(max_queue=1, sock=sock)
+        clients.append(slow)
+        await slow.subscribe()
+        await _all([slow], lambda c: c.acked(), "the ack")
+        slow.reading.clear()
+        feed = Publisher(redis_server.url, service, rate=1000, pad=8000)
+        try:
+            for n in range(40):  # more than the client's socket buffers hold: a backlog waits
+                await feed.one(n)
+        finally:
+            await feed.stop()
+        await slow.subscribe()  # again: the answer is the position after everything queued before it
+        slow.reading.set()
+        top = feed.made[-1]
+        await _all([slow], lambda c: _caught_up(c, top), "the client to catch up")
+        assert not _violations(clients)
+        assert slow.view.offsets() == list(range(1, top[0] + 1)) and not slow.view.gaps
+        assert len(slow.view.acks) == 2 and slow.view.acks[1]["offset"] <= top[0], slow.view.acks
