@@ -21,7 +21,7 @@ from service import codec
 from service.config import CHANNEL_RE
 from service.gate import CLAIMS_SCOPE_KEY, Claims, TokenError
 from service.history import Position
-from service.outbound import Bounds, DirectOutbound, QueueOutbound
+from service.outbound import Bounds, DirectOutbound, QueueOutbound, control_message
 from service.ratelog import RateLimitedLog
 from service.recovery import Recovered
 from service.tracker import CLOSE_SLOW, Connection
@@ -225,12 +225,12 @@ class _Session:
             await self._refresh(op.token)
         elif op.op == "subscribe":
             if op.channel in self.conn.channels:
-                # Already subscribed: the position now (its first ack, if still joining, follows).
+                # Already subscribed: the position now (its first ack, if still joining, follows),
+                # through the outbound path, after the publications queued before it.
                 position = None if op.channel in self.joining else self.service.hub.position(op.channel)
-                if position is not None:
-                    await self.ws.send_text(
-                        codec.control("subscribed", channel=op.channel, offset=position[0], epoch=position[1])
-                    )
+                if position is not None and self.conn.outbound is not None:
+                    ack = codec.control("subscribed", channel=op.channel, offset=position[0], epoch=position[1])
+                    self.conn.outbound.offer(control_message(op.channel, ack.encode(), *position))
             elif len(self.conn.channels) >= self.service.settings.max_channels_per_connection:
                 limit = self.service.settings.max_channels_per_connection
                 await self._error("too_many_channels", f"at most {limit} channels per connection")

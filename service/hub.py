@@ -227,7 +227,15 @@ class Hub:
         state.filling = False
         if epoch != state.epoch:
             # The channel's epoch changed under the hole: the old lifetime has nothing more to give.
-            self._release(channel, state, top=_ALL)
+            if not epoch or top <= 0:
+                self._release(channel, state, top=_ALL)
+                return
+            # Redis holds a new lifetime already published in, which no live publication may
+            # follow to reveal: announce it now and read it from its start.
+            for key in [k for k in state.held if k[0] != epoch]:
+                del state.held[key]
+            self._gap(channel, state, 0, epoch)
+            self._start_fill(channel, state)
             return
         for offset, frame in frames:
             state.held.setdefault((epoch, offset), frame)

@@ -41,9 +41,9 @@ class Message:
     connection. Usually one; several when they arrived together (see ``Hub``), so that each
     connection gets them in one write. ``offset`` and ``epoch`` are those of the last publication
     in it (None for frames published without an offset); ``control`` marks a frame built for one
-    connection (a gap), outside its queue's bounds."""
+    connection (an ack, a gap), outside its queue's bounds; ``gap`` marks a gap frame."""
 
-    __slots__ = ("arrived", "channel", "control", "count", "epoch", "frame", "offset", "size", "texts")
+    __slots__ = ("arrived", "channel", "control", "count", "epoch", "frame", "gap", "offset", "size", "texts")
 
     def __init__(self, channel: str, payloads: bytes | list[bytes], arrived: float | None = None,
                  texts: list[str] | None = None, offset: int | None = None, epoch: str | None = None) -> None:
@@ -59,6 +59,7 @@ class Message:
         self.offset = offset
         self.epoch = epoch
         self.control = False
+        self.gap = False
 
 
 def control_message(channel: str, frame: bytes, offset: int, epoch: str) -> Message:
@@ -72,8 +73,10 @@ def control_message(channel: str, frame: bytes, offset: int, epoch: str) -> Mess
 
 def gap_message(channel: str, offset: int, epoch: str) -> Message:
     """The gap frame that tells one connection it lost the publications of ``channel`` up to ``offset``."""
-    return control_message(channel, codec.control("gap", channel=channel, offset=offset, epoch=epoch).encode(),
-                           offset, epoch)
+    message = control_message(channel, codec.control("gap", channel=channel, offset=offset, epoch=epoch).encode(),
+                              offset, epoch)
+    message.gap = True
+    return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,10 +160,14 @@ class QueueOutbound:
         self.dropped += message.count
         self._counters.dropped += message.count
         if message.offset is not None and message.epoch is not None:
-            for index, gap in enumerate(gaps):
-                if gap.channel == message.channel:
-                    gaps[index] = gap_message(message.channel, message.offset, message.epoch)
-                    return
+            # The channel's latest control frame, if a gap, grows to cover this drop too; any other
+            # (its ack) must stay, and stay before the gap: the ack's position precedes this drop.
+            for index in range(len(gaps) - 1, -1, -1):
+                if gaps[index].channel == message.channel:
+                    if gaps[index].gap:
+                        gaps[index] = gap_message(message.channel, message.offset, message.epoch)
+                        return
+                    break
             gaps.append(gap_message(message.channel, message.offset, message.epoch))
             self._counters.gaps_sent += 1
 

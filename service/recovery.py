@@ -209,9 +209,9 @@ class Recovery:
             return
         begun = self._hub.begin_check(channel)
         if begun is not None:
-            await self._fill(channel, Position(*begun))
+            await self._fill(channel, Position(*begun), check=True)
 
-    async def _fill(self, channel: str, since: Position) -> None:
+    async def _fill(self, channel: str, since: Position, check: bool = False) -> None:
         delay = 0.05
         for _ in range(FILL_ATTEMPTS):
             try:
@@ -221,7 +221,13 @@ class Recovery:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, FILL_BACKOFF_CAP)
                 continue
-            self.holes_filled += 1
+            if check:
+                # A reconnect's check found a hole only if Redis is past what the worker accepted.
+                missed = got.position != since
+                self._hub.holes += missed
+                self.holes_filled += missed
+            else:
+                self.holes_filled += 1
             self._hub.fill(channel, got.position.epoch, got.position.offset, got.frames)
             return
         # Redis could not be read for a long while: what is missing is announced as lost.
