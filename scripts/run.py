@@ -1,7 +1,8 @@
 """Start the service as deployed: the Procfile's ``web:`` line, several workers, a real Redis.
 
 REDIS_URL set: that Redis. Unset: a private redis-server on a free loopback port, started here and
-stopped on exit. PUBLISH_TOKEN unset: a random one for this run, printed. The banner comes once
+stopped on exit. PUBLISH_TOKEN and ADMIN_TOKEN unset: random ones for this run, printed (the second
+is the dashboard's password and opens the health detail). The banner comes once
 every worker serves; a port in use or an invalid setting is one line on stderr instead.
 """
 
@@ -37,6 +38,8 @@ wsbroadcast: {env['WEB_CONCURRENCY']} workers listening on {listens}, Redis: {wh
         or  REDIS_URL={env['REDIS_URL']} scripts/publish news '{{"hello":"world"}}'
   health:   curl http://{local}:{port}/health/cluster   ·   REDIS_URL={env['REDIS_URL']} scripts/health
   metrics:  curl http://{local}:{port}/metrics
+  dashboard: http://{local}:{port}/dashboard   (any user name, password {env['ADMIN_TOKEN']})
+  browser:  import {{ WsBroadcast }} from "http://{local}:{port}/client.js"   (see the README's Clients)
   stop:     Ctrl-C
 """
 
@@ -80,8 +83,9 @@ def main() -> int:
             env["REDIS_URL"] = redis.url
         if stopping:
             return 0
-        if not env.get("PUBLISH_TOKEN"):
-            env["PUBLISH_TOKEN"] = secrets.token_urlsafe(16)
+        for name in ("PUBLISH_TOKEN", "ADMIN_TOKEN"):
+            if not env.get(name):
+                env[name] = secrets.token_urlsafe(16)
         service = ServiceProcess(env, cwd=ROOT).start()
         try:
             service.wait_ready(math.inf, waiting=lambda waited: _say(f"waiting {waited:.0f} s: {service.last_error}"))

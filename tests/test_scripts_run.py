@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -77,6 +78,11 @@ def test_banner_once_serving_and_a_hung_master_still_stops_redis(tmp_path: Path)
         assert f"listening on 127.0.0.1:{port}" in banner
         # The banner comes once the service serves, not when it is merely launched.
         assert httpx.get(f"http://127.0.0.1:{port}/health/cluster", timeout=10).status_code == 200
+        # The made-up admin token it prints opens the dashboard.
+        password = re.search(r"/dashboard +\(any user name, password (\S+)\)", banner)
+        assert password is not None, banner
+        page = httpx.get(f"http://127.0.0.1:{port}/dashboard", auth=("me", password.group(1)), timeout=10)
+        assert page.status_code == 200
         children = psutil.Process(run.pid).children()
         redis_server = next(p for p in children if "redis-server" in p.name())
         master = next(p for p in children if p.pid != redis_server.pid)
