@@ -358,21 +358,29 @@ class Hub:
         return state is not None and state.epoch == epoch and after + 1 < state.floor
 
     def remember(self, channel: str, epoch: str, frames: list[tuple[int, bytes]], window: float) -> None:
-        """Keep the channel's latest publications for ``window`` seconds, starting from ``frames``
-        (a history read), if they reach up to the last accepted offset without a hole."""
+        """Keep the channel's latest publications for ``window`` seconds: the live ones from now on,
+        and before them those of ``frames`` (a history read) that reach up to them without a hole.
+
+        Called before a read too (with no frames), so that publications accepted while the read is
+        under way are kept: a read that Redis answered just before them still joins up with them.
+        """
         state = self._channels.get(channel)
         if state is None or state.epoch != epoch:
             return
         state.recent_until = time.monotonic() + window
-        if state.recent is not None:
-            return
-        kept = [item for item in frames if item[0] <= state.offset]
+        if state.recent is None:
+            state.recent = deque()
+        recent = state.recent
+        first = recent[0][0] if recent else state.offset + 1
+        older = [item for item in frames if item[0] < first]
         # A read's frames are in order without repeats: contiguous when first to last spans them all.
-        if not kept or kept[-1][0] != state.offset or kept[-1][0] - kept[0][0] + 1 != len(kept):
+        if not older or older[-1][0] != first - 1 or older[-1][0] - older[0][0] + 1 != len(older):
             return
-        state.recent = deque()
-        for offset, frame in kept:
-            self._remember(state, offset, frame)
+        for offset, frame in reversed(older):
+            recent.appendleft((offset, frame))
+            state.recent_bytes += len(frame)
+            self._recent_total += len(frame)
+        self._trim(state)
 
     def _remember(self, state: _Channel, offset: int, frame: bytes) -> None:
         recent = state.recent
@@ -380,6 +388,11 @@ class Hub:
         recent.append((offset, frame))
         state.recent_bytes += len(frame)
         self._recent_total += len(frame)
+        self._trim(state)
+
+    def _trim(self, state: _Channel) -> None:
+        recent = state.recent
+        assert recent is not None
         while recent and (
             len(recent) > self._recent_size
             or state.recent_bytes > self._recent_bytes_max

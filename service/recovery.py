@@ -102,6 +102,8 @@ class Recovery:
                 # Known unrecoverable without a read: a reconnect storm of clients too far behind
                 # costs one read per channel, not one each.
                 return self._answer([], False, offset, epoch)
+            # Keep what arrives while the read is under way: it joins up with what the read returns.
+            self._hub.remember(channel, epoch, [], RECENT_WINDOW)
             got = await self._read(channel, since)
             frames, complete = _after(got, since)
             if not complete and got.position.epoch == since.epoch:
@@ -117,7 +119,7 @@ class Recovery:
             now = self._hub.position(channel)
             if now is not None and now[1] == got.position.epoch and got.position.offset >= now[0]:
                 return self._answer([f for f in frames if f[0] <= now[0]], True, *now)
-            # The worker got publications the read did not see yet: the kept ones may cover them now.
+            # The worker got publications the read did not see yet: the kept ones cover them now.
         offset, epoch = await self.position(channel)
         frames = self._hub.recent(channel, since.offset, since.epoch)
         return self._answer(frames or [], frames is not None, offset, epoch)

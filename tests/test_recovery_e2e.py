@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import pytest
@@ -26,9 +26,12 @@ from websockets.exceptions import ConnectionClosed
 
 from scripts.redis_server import PrivateRedis
 from service.config import Settings
-from service.history import publish_call
+from service.history import History, Position, publish_call
+from service.hub import Hub
 from service.keys import Keys
+from service.outbound import Message
 from service.publisher import PublishError, publish
+from service.recovery import Recovery
 from tests.support import Service, async_wait_until, wait_until
 
 CHANNEL = "feed"
@@ -742,3 +745,54 @@ async def test_a_repeated_subscribe_is_answered_in_order_with_the_publications_q
         assert not _violations(clients)
         assert slow.view.offsets() == list(range(1, top[0] + 1)) and not slow.view.gaps
         assert len(slow.view.acks) == 2 and slow.view.acks[1]["offset"] <= top[0], slow.view.acks
+
+
+# --- recovery while publications keep arriving --------------------------------------------------------
+
+
+async def test_a_recovery_whose_read_is_overtaken_by_a_live_publication_still_recovers(
+    redis_server: PrivateRedis,
+) -> None:
+    # One worker's parts on a real Redis: the live publication reaches the hub after Redis answered
+    # the read and before the worker handled the answer, as it does under a fast publisher.
+    client = Redis.from_url(redis_server.url)
+    keys = Keys(f"r{os.getpid()}x{time.monotonic_ns()}:")
+    settings = Settings(redis_prefix=keys.prefix)
+    hub = Hub(lambda c: None, lambda c: None)
+    recovery = Recovery(History(client, keys, settings), hub)
+    try:
+        hub.add("c", _Sink())
+        _, epoch = await recovery.position("c")
+        for n in range(5):
+            done = await publish(client, "c", orjson.dumps({"n": n}), settings=settings)
+            frame = orjson.dumps({"channel": "c", "offset": done.offset, "epoch": epoch, "data": {"n": n}})
+            hub.publish("c", frame, done.offset, epoch)
+        task = asyncio.create_task(recovery.recover("c", Position(2, epoch)))
+        for _ in range(100_000):  # until the read is under way: Redis's top is 5
+            if recovery.reads:
+                break
+            await asyncio.sleep(0)
+        assert recovery.reads == 1
+        late = orjson.dumps({"channel": "c", "offset": 6, "epoch": epoch, "data": {"n": 5}})
+        hub.publish("c", late, 6, epoch)
+        got = await asyncio.wait_for(task, 10)
+        assert got.recovered and got.offset == 6, got
+        assert [offset for offset, _ in got.frames] == [3, 4, 5, 6]
+    finally:
+        await recovery.stop()
+        await client.aclose()
+
+
+class _Sink:
+    """A listener that only counts (the hub needs one for the channel to exist)."""
+
+    direct: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.offered = 0
+
+    def offer(self, message: Message) -> None:
+        self.offered += 1
+
+    def depth(self) -> tuple[int, int]:
+        return 0, 0
