@@ -502,6 +502,20 @@ async def _true(value: bool) -> bool:
 # --- 7: drop-oldest announces what it dropped -------------------------------------------------------
 
 
+async def _stalled_client(service: Service, clients: list[Client]) -> Client:
+    """A subscribed client that stops reading: a tiny kernel receive buffer (autotuning off) and
+    websockets' own queue of one frame, so that the server's queue for it fills at once."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", service.port))
+    slow = await Client(service, "slow").connect(max_queue=1, sock=sock)
+    clients.append(slow)
+    await slow.subscribe()
+    await _all([slow], lambda c: c.acked(), "the slow client's ack")
+    slow.reading.clear()
+    return slow
+
+
 async def test_drop_oldest_sends_a_gap_that_explains_the_jump(
     redis_server: PrivateRedis, clients: list[Client]
 ) -> None:
@@ -509,16 +523,7 @@ async def test_drop_oldest_sends_a_gap_that_explains_the_jump(
         redis_server.url, workers=2, slow_consumer_policy="drop-oldest", queue_size=8, send_buffer_bytes=4096
     ) as service:
         fast = (await _connect(service, clients, 1, both=False))[0]
-        # The slow client: a tiny kernel receive buffer (autotuning off) and websockets' own queue
-        # of one frame, so that once it stops reading the server's queue fills at once.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", service.port))
-        slow = await Client(service, "slow").connect(max_queue=1, sock=sock)
-        clients.append(slow)
-        await slow.subscribe()
-        await _all([slow], lambda c: c.acked(), "the slow client's ack")
-        slow.reading.clear()
+        slow = await _stalled_client(service, clients)
         publisher = Publisher(redis_server.url, service, rate=1000, pad=8000)
         try:
             for n in range(200):  # 1.6 MB: far beyond the slow client's queue and socket buffers
@@ -724,14 +729,7 @@ async def test_a_repeated_subscribe_is_answered_in_order_with_the_publications_q
     with Service(
         redis_server.url, workers=2, slow_consumer_policy="drop-oldest", send_buffer_bytes=4096
     ) as service:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", service.port))
-        slow = await Client(service, "slow").connect(max_queue=1, sock=sock)
-        clients.append(slow)
-        await slow.subscribe()
-        await _all([slow], lambda c: c.acked(), "the ack")
-        slow.reading.clear()
+        slow = await _stalled_client(service, clients)
         feed = Publisher(redis_server.url, service, rate=1000, pad=8000)
         try:
             for n in range(40):  # more than the client's socket buffers hold: a backlog waits
