@@ -149,18 +149,11 @@ class Target:
 
     def fanout_metric(self) -> tuple[float, float] | None:
         """(sum, count) of the server's fan-out histogram: arrival in a worker to the last socket."""
-        if not self.fanout_histogram:
+        samples = self.metrics()
+        if samples is None:
             return None
-        try:
-            text = httpx.get(f"{self.http}/metrics", timeout=5).text
-        except httpx.HTTPError:
-            return None
-        total = count = 0.0
-        for line in text.splitlines():
-            if line.startswith("wsbroadcast_fanout_latency_seconds_sum"):
-                total += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("wsbroadcast_fanout_latency_seconds_count"):
-                count += float(line.rsplit(" ", 1)[1])
+        total = sum(v for k, v in samples.items() if k.startswith("wsbroadcast_fanout_latency_seconds_sum"))
+        count = sum(v for k, v in samples.items() if k.startswith("wsbroadcast_fanout_latency_seconds_count"))
         return (total, count) if count else None
 
     def metrics(self) -> dict[str, float] | None:
