@@ -25,9 +25,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from service import codec, dashboard, health, publication, publisher
+from service import dashboard, health, publication, publisher, wire
 from service.broker import Broker
-from service.config import CHANNEL_RE, Settings
+from service.config import Settings
 from service.endpoint import websocket_endpoint
 from service.gate import Gate
 from service.history import History
@@ -117,28 +117,14 @@ class Service:
             ratelog.warning("unconfirmed", "subscription to %r not confirmed by Redis yet; still waiting", channel)
 
     def _on_message(self, channel: str, payload: bytes) -> None:
-        counters = self.tracker.counters
-        counters.received_redis += 1
-        if len(payload) > self.settings.max_message_bytes:
-            self._invalid(channel, f"{len(payload)} bytes, over MAX_MESSAGE_BYTES")
+        self.tracker.counters.received_redis += 1
+        # Once per message per worker, before any subscriber sees it.
+        checked = wire.check_publication(channel, payload, self.settings.max_message_bytes)
+        if isinstance(checked, wire.Invalid):
+            self._invalid(channel, checked.why)
             return
-        # Once per message per worker: anyone who can PUBLISH could otherwise send subscribers of
-        # one channel frames claiming another, or frames that are not frames at all.
         try:
-            frame = codec.loads(payload)
-        except codec.JSONDecodeError:
-            self._invalid(channel, "not JSON (or not UTF-8)")
-            return
-        if not isinstance(frame, dict) or frame.get("channel") != channel:
-            self._invalid(channel, f'not a JSON object with "channel": {channel!r}')
-            return
-        offset, epoch = frame.get("offset"), frame.get("epoch")
-        if offset is not None or epoch is not None:
-            if type(offset) is not int or offset < 1 or not isinstance(epoch, str) or not epoch:
-                self._invalid(channel, "an offset that is not a positive integer, or an epoch that is not a string")
-                return
-        try:
-            self.hub.publish(channel, payload, offset, epoch)
+            self.hub.publish(channel, payload, *checked)
         except UnicodeDecodeError:
             self._invalid(channel, "not UTF-8")
 
@@ -194,8 +180,8 @@ async def publish(request: Request) -> Response:
     if idempotency_key is not None and not publisher.IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
         return _problem(400, publisher.IDEMPOTENCY_KEY_RULE)
     path_channel: str | None = request.path_params.get("channel")
-    if path_channel is not None and not CHANNEL_RE.fullmatch(path_channel):
-        return _problem(400, publication.CHANNEL_RULE)
+    if path_channel is not None and not wire.is_channel(path_channel):
+        return _problem(400, wire.CHANNEL_RULE)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > settings.max_message_bytes:
         return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from service import codec
+from service import wire
 from service.outbound import Message, Outbound
 
 # A batch is flushed early at this many publications or bytes (or a quarter of a connection's
@@ -286,7 +286,7 @@ class Hub:
             self._drop_recent(state)
             state.recent = deque()  # what precedes a gap is not recoverable from here
         self.gaps += len(state.listeners)
-        frame = codec.control("gap", channel=channel, offset=offset, epoch=epoch).encode()
+        frame = wire.gap(channel, offset, epoch)
         self._enqueue(channel, frame, offset, epoch)
 
     def _enqueue(self, channel: str, payload: bytes, offset: int | None = None, epoch: str | None = None) -> None:

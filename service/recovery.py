@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from service import codec
+from service import wire
 from service.history import History, Position, Range
 from service.hub import Hub
 from service.outbound import Message, Outbound, control_message
@@ -161,10 +161,7 @@ class Recovery:
                 self._log.warning("join", "subscription to %r waits for Redis: %s", channel, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, FILL_BACKOFF_CAP)
-        fields: dict[str, object] = {"channel": channel, "offset": got.offset, "epoch": got.epoch}
-        if since is not None:
-            fields["recovered"] = got.recovered
-        ack = codec.control("subscribed", **fields).encode()
+        ack = wire.subscribed(channel, got.offset, got.epoch, got.recovered if since is not None else None)
         frames = got.frames
         for start in range(0, len(frames), RECOVERY_BATCH):
             batch = frames[start : start + RECOVERY_BATCH]

@@ -9,13 +9,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from service import wire
+
 if TYPE_CHECKING:
     from service.outbound import Outbound
 
 log = logging.getLogger("wsbroadcast.tracker")
-
-CLOSE_IDLE = 4000
-CLOSE_SLOW = 4008
 
 
 @dataclass
@@ -54,12 +53,12 @@ class Connection:
 
     __slots__ = ("channels", "close", "id", "last_received", "outbound")
 
-    def __init__(self, conn_id: int, close: Callable[[int, str], bool]) -> None:
+    def __init__(self, conn_id: int, close: Callable[[wire.Close], bool]) -> None:
         self.id = conn_id
         self.channels: set[str] = set()
         self.outbound: Outbound | None = None
         self.last_received = time.monotonic()
-        # Closes the client with a code and reason without awaiting it (set by the endpoint);
+        # Closes the client without awaiting it (set by the endpoint);
         # returns False when the connection was already closing.
         self.close = close
 
@@ -109,7 +108,7 @@ class Tracker:
             return "full"
         return None
 
-    def admit(self, close: Callable[[int, str], bool]) -> Connection:
+    def admit(self, close: Callable[[wire.Close], bool]) -> Connection:
         self._next_id += 1
         conn = Connection(self._next_id, close)
         self.connections[conn.id] = conn
@@ -141,7 +140,7 @@ class Tracker:
     def sweep(self) -> int:
         idle = self.idle_connections()
         # Only closes this sweep started count: one already closing stays listed until it is gone.
-        closed = sum(1 for conn in idle if conn.close(CLOSE_IDLE, "idle timeout"))
+        closed = sum(1 for conn in idle if conn.close(wire.IDLE))
         self.counters.idle_closed += closed
         if closed:
             log.info("closed %d idle connections", closed)
