@@ -317,6 +317,12 @@ class _App(Starlette):
     """
 
     @property
+    def service(self) -> Service:
+        """The worker's parts, for the lean path (workers/lean.py), which serves /ws without the app."""
+        service: Service = self.state.service
+        return service
+
+    @property
     def counters(self) -> Counters:
         """The worker's counters, for the server's protocols (workers/http.py counts its rejections)."""
         service: Service = self.state.service

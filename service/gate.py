@@ -5,26 +5,24 @@ list of channel names, ``*`` for any) and ``sub`` (optional: the client's identi
 lines about its connection). Any backend mints one with its usual JWT library: HS256 with
 ``CONNECT_SECRET``, or RS256/ES256 signed by a private key whose public half is ``CONNECT_PUBLIC_KEY``.
 With either set, /ws requires one (query ``token=`` for browsers, or a Bearer header) and limits the
-client to the channels it names. All checks run before accept. The connection lives until ``exp``
-unless the client sends a fresh token (the ``refresh`` op), verified here too: this module is the
-one place that mints and verifies tokens.
+client to the channels it names. All checks run before accept, on the request head alone. The
+connection lives until ``exp`` unless the client sends a fresh token (the ``refresh`` op), verified
+here too: this module is the one place that mints and verifies tokens.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
-from starlette.websockets import WebSocket
 
 from service.config import Settings, public_key_algorithm
 from service.wire import channels_param, is_channel
 
-# Where the gate leaves an admitted connection's Claims for the endpoint.
-CLAIMS_SCOPE_KEY = "wsbroadcast.claims"
 # A short CONNECT_SECRET is reported once at start-up (workers/startup.py); PyJWT would otherwise
 # warn on every handshake.
 warnings.filterwarnings("ignore", message=r"The HMAC key is \d+ bytes long")
@@ -143,30 +141,31 @@ class Gate:
         self._verifier = Verifier(settings.connect_secret, settings.connect_public_key)
         self._default = settings.default_channel
 
-    async def check(self, ws: WebSocket) -> tuple[int, str] | None:
-        """None to admit, else (HTTP status, reason) to refuse the handshake."""
+    def check(self, headers: Mapping[str, str], query: Mapping[str, str]) -> tuple[int, str] | Claims | None:
+        """A handshake's verdict: (HTTP status, reason) to refuse it, else what its token grants
+        (None when no token is required). ``headers`` is keyed by lower-case name."""
         if self._origins and "*" not in self._origins:
-            origin = ws.headers.get("origin", "").rstrip("/")
+            origin = headers.get("origin", "").rstrip("/")
             if origin not in self._origins:
                 return 403, "origin not allowed"
-        if self._verifier:
-            token = ws.query_params.get("token")
-            auth = ws.headers.get("authorization", "")
-            if token is None and auth.lower().startswith("bearer "):
-                token = auth[7:].strip()
-            if not token:
-                return 401, "a connect token is required (query parameter token=)"
-            try:
-                claims = self._verifier.verify(token)
-            except TokenError as exc:
-                return 403, str(exc)
-            # The channels asked for at connect are checked here too, so a token that does not
-            # cover them is refused before accept; later subscribe ops get an error frame instead.
-            for name in channels_param(ws.query_params.get("channels"), self._default):
-                if not claims.allows(name):
-                    return 403, f"the token does not allow channel {name[:128]!r}"
-            ws.scope[CLAIMS_SCOPE_KEY] = claims
-        return None
+        if not self._verifier:
+            return None
+        token = query.get("token")
+        auth = headers.get("authorization", "")
+        if token is None and auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+        if not token:
+            return 401, "a connect token is required (query parameter token=)"
+        try:
+            claims = self._verifier.verify(token)
+        except TokenError as exc:
+            return 403, str(exc)
+        # The channels asked for at connect are checked here too, so a token that does not
+        # cover them is refused before accept; later subscribe ops get an error frame instead.
+        for name in channels_param(query.get("channels"), self._default):
+            if not claims.allows(name):
+                return 403, f"the token does not allow channel {name[:128]!r}"
+        return claims
 
     def verify(self, token: str) -> Claims:
         """A fresh token sent on an open connection (the refresh op); raises TokenError."""

@@ -321,10 +321,19 @@ class Hub:
         if not listeners:
             return
         message = Message(channel, batch.payloads, batch.arrived, batch.texts, batch.offset, batch.epoch)
-        # No copy of the listeners: offer() never changes subscriptions synchronously (a slow
-        # client's close only schedules its endpoint to unregister it).
+        # No copy of the listeners: the verdicts are acted on after the loop (a connection that
+        # closes leaves its channels at once).
+        closes = None
         for outbound in listeners:
-            outbound.offer(message)
+            verdict = outbound.offer(message)
+            if verdict is not None:
+                if closes is None:
+                    closes = []
+                closes.append((outbound, verdict))
+        if closes is not None:
+            for outbound, verdict in closes:
+                if outbound.owner is not None:
+                    outbound.owner.close(verdict)
         if self.on_fanout is not None:
             self.on_fanout(message)
 

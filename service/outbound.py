@@ -4,11 +4,13 @@ Two implementations, which the hub cannot tell apart:
 
 * ``QueueOutbound``, the plain ASGI path: a bounded deque drained by one writer task per connection.
 * ``DirectOutbound``, the fast path: the WebSocket frame is built once per message per worker and
-  written straight to the connection's transport, whose write buffer is the bounded queue. It needs
-  the ``wsbroadcast.direct`` scope extension that ``workers.protocol`` offers.
+  written straight to the connection's transport, whose write buffer is the bounded queue (the
+  lean protocol, ``workers.lean``).
 
-``offer`` never awaits and never blocks: over the bound it applies the slow-consumer policy to this
-connection alone and returns.
+``offer`` never awaits and never blocks: over the bound it returns the slow-consumer verdict for this
+connection alone (``wire.SLOW``), and the caller closes it through its ``owner``; with drop-oldest
+it drops and announces instead. Nothing is offered to an outbound once its connection is closing:
+the connection leaves every channel as it starts to close.
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ def control_message(channel: str, frame: bytes, offset: int, epoch: str) -> Mess
     return message
 
 
+def reply_message(frame: bytes) -> Message:
+    """A control frame answering the client (pong, error, unsubscribed), in order with its publications."""
+    message = Message("", frame)
+    message.control = True
+    message.count = 0
+    return message
+
+
 def gap_message(channel: str, offset: int, epoch: str) -> Message:
     """The gap frame that tells one connection it lost the publications of ``channel`` up to ``offset``."""
     message = control_message(channel, wire.gap(channel, offset, epoch), offset, epoch)
@@ -85,12 +95,21 @@ class Bounds:
     drop_oldest: bool
 
 
+class Owner(Protocol):
+    """The connection an outbound path serves: what the caller of ``offer`` tells its verdict."""
+
+    def close(self, why: wire.Close) -> bool: ...
+
+
 class Outbound(Protocol):
     """What the hub holds for each subscribed connection."""
 
     direct: ClassVar[bool]  # True for the fast path
+    owner: Owner | None
 
-    def offer(self, message: Message) -> None: ...
+    def offer(self, message: Message) -> wire.Close | None:
+        """Send or queue ``message``; the verdict (close the connection) or None."""
+        ...
 
     def depth(self) -> tuple[int, int]:
         """(frames, bytes) waiting for this client, as far as the path can tell."""
@@ -102,32 +121,27 @@ class QueueOutbound:
 
     direct: ClassVar[bool] = False
 
-    __slots__ = ("_bounds", "_bytes", "_counters", "_frames", "_on_slow", "_queue", "_wake", "closed", "dropped")
+    __slots__ = ("_bounds", "_bytes", "_counters", "_frames", "_queue", "_wake", "dropped", "owner")
 
-    def __init__(self, bounds: Bounds, counters: Counters, on_slow: Callable[[], None]) -> None:
+    def __init__(self, bounds: Bounds, counters: Counters) -> None:
         self._queue: deque[Message] = deque()
         self._frames = 0
         self._bytes = 0
         self._wake = asyncio.Event()
         self._bounds = bounds
         self._counters = counters
-        self._on_slow = on_slow
-        self.closed = False
         self.dropped = 0
+        self.owner: Owner | None = None
 
-    def offer(self, message: Message) -> None:
-        if self.closed:
-            return
+    def offer(self, message: Message) -> wire.Close | None:
         queue, bounds = self._queue, self._bounds
         if message.control:
             queue.append(message)
             self._wake.set()
-            return
+            return None
         if self._frames + message.count > bounds.frames or self._bytes + message.size > bounds.bytes:
             if not bounds.drop_oldest:
-                self.closed = True
-                self._on_slow()
-                return
+                return wire.SLOW
             gaps: list[Message] = []
             while queue and queue[0].control:
                 gaps.append(queue.popleft())
@@ -146,11 +160,12 @@ class QueueOutbound:
             queue.extendleft(reversed(gaps))
             if too_big:
                 self._wake.set()
-                return
+                return None
         queue.append(message)
         self._frames += message.count
         self._bytes += message.size
         self._wake.set()
+        return None
 
     def _drop(self, message: Message, gaps: list[Message]) -> None:
         if message.control:
@@ -173,10 +188,18 @@ class QueueOutbound:
     def depth(self) -> tuple[int, int]:
         return self._frames, self._bytes
 
+    def take_controls(self) -> list[str]:
+        """Empty the queue, returning the control frames in it (errors, acks): a closing
+        connection still tells the client why, and its publications no longer matter."""
+        texts = [text for message in self._queue if message.control for text in message.texts]
+        self._queue.clear()
+        self._frames = self._bytes = 0
+        return texts
+
     async def run(self, send_text: Callable[[str], Awaitable[None]]) -> None:
         """The connection's one writer: send queued frames in order until cancelled."""
         queue = self._queue
-        while not self.closed:
+        while True:
             if not queue:
                 self._wake.clear()
                 await self._wake.wait()
@@ -203,28 +226,6 @@ class Transport(Protocol):
     def is_closing(self) -> bool: ...
 
 
-class DirectLink(Protocol):
-    """The ``wsbroadcast.direct`` scope extension: synchronous access to one connection's transport.
-
-    Frames may be written to ``transport`` while neither ``close_sent`` nor ``disconnected`` is set
-    and the transport is not closing: every close path of the protocol sets one of the three, so
-    nothing is ever written after a close frame. Each write is one whole frame (or several).
-    """
-
-    @property
-    def transport(self) -> Transport: ...
-
-    @property
-    def close_sent(self) -> bool: ...
-
-    @property
-    def disconnected(self) -> bool: ...
-
-    def close(self, code: int, reason: str) -> None:
-        """Send a close frame now, ahead of nothing: it queues behind the bytes already buffered."""
-        ...
-
-
 class DirectOutbound:
     """The fast path: the transport's write buffer is the queue, bounded by QUEUE_BYTES and QUEUE_SIZE.
 
@@ -232,6 +233,9 @@ class DirectOutbound:
     write that stays (partly) buffered is remembered by the offset where it ends in the stream of
     bytes written; once the transport holds fewer bytes than were written after that offset, the
     write has left for the kernel. A client that keeps up never has anything remembered.
+
+    Every write is one whole frame (or several), so frames never interleave with the protocol's
+    own (pongs, the close frame), which it writes to the same transport synchronously.
     """
 
     direct: ClassVar[bool] = True
@@ -241,31 +245,27 @@ class DirectOutbound:
         "_buffered",
         "_closing",
         "_counters",
-        "_link",
-        "_on_slow",
         "_queued",
         "_waiting",
         "_write",
         "_written",
-        "closed",
+        "owner",
     )
 
-    def __init__(self, link: DirectLink, bounds: Bounds, counters: Counters, on_slow: Callable[[], None]) -> None:
-        self._link = link
+    def __init__(self, transport: Transport, bounds: Bounds, counters: Counters) -> None:
         # The transport's own (C) methods, bound once: per delivery there is no Python call
         # between the hub and the socket.
-        self._write = link.transport.write
-        self._buffered = link.transport.get_write_buffer_size
-        self._closing = link.transport.is_closing
+        self._write = transport.write
+        self._buffered = transport.get_write_buffer_size
+        self._closing = transport.is_closing
         self._bounds = bounds
         self._counters = counters
-        self._on_slow = on_slow
         self._written = 0  # bytes written to the transport, ever
         # (end offset, frames) of buffered writes; made on first need: a deque costs ~600 bytes
         # and most connections never need one.
         self._waiting: deque[tuple[int, int]] | None = None
         self._queued = 0  # frames in _waiting
-        self.closed = False
+        self.owner: Owner | None = None
 
     def _settle(self, buffered: int) -> None:
         """Forget the writes the transport has handed to the kernel."""
@@ -276,21 +276,16 @@ class DirectOutbound:
         while waiting and waiting[0][0] <= flushed:
             self._queued -= waiting.popleft()[1]
 
-    def offer(self, message: Message) -> None:
-        if self.closed:
-            return
-        link = self._link
-        if link.close_sent or link.disconnected or self._closing():
-            self.closed = True
-            return
+    def offer(self, message: Message) -> wire.Close | None:
+        # A transport lost a moment ago: its connection is told by the loop's next callback.
+        if self._closing():
+            return None
         frame = message.frame
         buffered = self._buffered()
         if buffered:
             self._settle(buffered)
             if buffered + len(frame) > self._bounds.bytes or self._queued + message.count > self._bounds.frames:
-                self.closed = True
-                self._on_slow()
-                return
+                return wire.SLOW
         elif self._waiting:
             self._waiting.clear()
             self._queued = 0
@@ -302,6 +297,7 @@ class DirectOutbound:
                 self._waiting = deque()
             self._waiting.append((self._written, message.count))
             self._queued += message.count
+        return None
 
     def depth(self) -> tuple[int, int]:
         buffered = self._buffered()

@@ -163,10 +163,18 @@ class Recovery:
                 delay = min(delay * 2, FILL_BACKOFF_CAP)
         ack = wire.subscribed(channel, got.offset, got.epoch, got.recovered if since is not None else None)
         frames = got.frames
+        messages = []
         for start in range(0, len(frames), RECOVERY_BATCH):
             batch = frames[start : start + RECOVERY_BATCH]
-            outbound.offer(Message(channel, [f for _, f in batch], offset=batch[-1][0], epoch=got.epoch))
-        outbound.offer(control_message(channel, ack, got.offset, got.epoch))
+            messages.append(Message(channel, [f for _, f in batch], offset=batch[-1][0], epoch=got.epoch))
+        messages.append(control_message(channel, ack, got.offset, got.epoch))
+        for message in messages:
+            verdict = outbound.offer(message)
+            if verdict is not None:
+                # Closing leaves the channel: it is not activated.
+                if outbound.owner is not None:
+                    outbound.owner.close(verdict)
+                return got
         self._hub.activate(channel, outbound)
         return got
 

@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from scripts.redis_server import free_port
 from scripts.service_process import ServiceError, ServiceProcess
-from service.outbound import Message
+from service.outbound import Message, Owner
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin"  # every test service's ADMIN_TOKEN; Service.get sends it for the health paths
@@ -212,6 +212,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
+        self.owner: Owner | None = None
 
     def offer(self, message: Message) -> None:
         self.messages.append(message)

@@ -29,7 +29,7 @@ from service.config import Settings
 from service.history import History, Position, publish_call
 from service.hub import Hub
 from service.keys import Keys
-from service.outbound import Message
+from service.outbound import Message, Owner
 from service.publisher import PublishError, publish
 from service.recovery import Recovery
 from tests.support import Service, async_wait_until, wait_until
@@ -788,6 +788,7 @@ class _Sink:
 
     def __init__(self) -> None:
         self.offered = 0
+        self.owner: Owner | None = None
 
     def offer(self, message: Message) -> None:
         self.offered += 1

@@ -8,6 +8,7 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
+from service import wire
 from service.config import Settings, SettingsError
 from service.outbound import Bounds, Message, QueueOutbound, ws_text_frame
 from service.tracker import Counters, Tracker
@@ -73,26 +74,22 @@ def test_message_rejects_non_utf8() -> None:
         Message("c", b"\xff\xfe")
 
 
-async def _queue(policy_drop_oldest: bool, frames: int = 3, nbytes: int = 1024) -> tuple[QueueOutbound, list[int]]:
-    slow: list[int] = []
-    queue = QueueOutbound(Bounds(frames, nbytes, policy_drop_oldest), Counters(), lambda: slow.append(1))
-    return queue, slow
+async def _queue(policy_drop_oldest: bool, frames: int = 3, nbytes: int = 1024) -> QueueOutbound:
+    return QueueOutbound(Bounds(frames, nbytes, policy_drop_oldest), Counters())
 
 
 async def test_queue_bound_in_frames_disconnects() -> None:
-    queue, slow = await _queue(False)
+    queue = await _queue(False)
     for i in range(3):
-        queue.offer(Message("c", b'"%d"' % i))
-    assert slow == [] and queue.depth() == (3, 9)
-    queue.offer(Message("c", b'"3"'))
-    assert slow == [1] and queue.closed
-    queue.offer(Message("c", b'"4"'))  # nothing after closing
+        assert queue.offer(Message("c", b'"%d"' % i)) is None
+    assert queue.depth() == (3, 9)
+    assert queue.offer(Message("c", b'"3"')) is wire.SLOW  # the verdict; the frame is not queued
     assert queue.depth() == (3, 9)
 
 
 async def test_queue_bound_in_bytes_drops_oldest() -> None:
     counters = Counters()
-    queue = QueueOutbound(Bounds(100, 1024, True), counters, lambda: None)
+    queue = QueueOutbound(Bounds(100, 1024, True), counters)
     big = b'"' + b"x" * 400 + b'"'
     for _ in range(3):
         queue.offer(Message("c", big))
@@ -103,7 +100,7 @@ async def test_queue_bound_in_bytes_drops_oldest() -> None:
 
 async def test_drop_oldest_announces_what_each_channel_lost_with_one_gap_before_its_next_frame() -> None:
     counters = Counters()
-    queue = QueueOutbound(Bounds(2, 1 << 20, True), counters, lambda: None)
+    queue = QueueOutbound(Bounds(2, 1 << 20, True), counters)
     for offset in (1, 2, 3, 4):
         queue.offer(Message("a", b"%d" % offset, offset=offset, epoch="E"))
     queue.offer(Message("b", b'"b7"', offset=7, epoch="F"))
@@ -127,7 +124,7 @@ async def test_drop_oldest_announces_what_each_channel_lost_with_one_gap_before_
 
 
 async def test_queue_writer_sends_in_order() -> None:
-    queue, _ = await _queue(False, frames=10)
+    queue = await _queue(False, frames=10)
     sent: list[str] = []
 
     async def send(text: str) -> None:
@@ -180,15 +177,13 @@ async def test_hub_batches_what_arrives_together_and_flushes_on_the_next_iterati
         hub.publish("c", b"\xff")
 
 
-class _Link:
-    """A connection stand-in whose kernel accepts ``room`` bytes, then buffers the rest in user space."""
+class _Transport:
+    """A transport stand-in whose kernel accepts ``room`` bytes, then buffers the rest in user space."""
 
     def __init__(self, room: int) -> None:
         self.room = room
         self.buffer = 0
-        self.close_sent = False
-        self.disconnected = False
-        self.transport = self
+        self.closing = False
 
     def write(self, frame: bytes) -> None:
         taken = 0 if self.buffer else min(self.room, len(frame))
@@ -199,62 +194,54 @@ class _Link:
         return self.buffer
 
     def is_closing(self) -> bool:
-        return False
+        return self.closing
 
     def drain(self, nbytes: int) -> None:
         self.buffer = max(0, self.buffer - nbytes)
-
-    def close(self, code: int, reason: str) -> None:
-        self.close_sent = True
 
 
 def test_direct_path_counts_frames_still_buffered_not_frames_ever_written() -> None:
     from service.outbound import DirectOutbound
 
-    slow: list[int] = []
-    link = _Link(room=0)
-    out = DirectOutbound(link, Bounds(frames=4, bytes=1 << 20, drop_oldest=False), Counters(), lambda: slow.append(1))
+    link = _Transport(room=0)
+    out = DirectOutbound(link, Bounds(frames=4, bytes=1 << 20, drop_oldest=False), Counters())
     frame = Message("c", b'"0123456789"')
     # A client that keeps up, with the buffer never quite empty: never more than 2 frames wait.
     for _ in range(100):
-        out.offer(frame)
-        out.offer(frame)
+        assert out.offer(frame) is None
+        assert out.offer(frame) is None
         link.drain(len(frame.frame) + 1)  # the first frame and a byte of the second leave
         assert out.depth()[0] <= 2
         link.drain(len(frame.frame) - 1)
-    assert slow == [] and not out.closed
-    # A client that stops reading: over QUEUE_SIZE frames waiting, the policy acts.
-    for _ in range(5):
-        out.offer(frame)
-    assert slow == [1] and out.closed and out.depth()[0] == 4
+    # A client that stops reading: over QUEUE_SIZE frames waiting, the verdict is the slow close.
+    verdicts = [out.offer(frame) for _ in range(5)]
+    assert verdicts == [None] * 4 + [wire.SLOW] and out.depth()[0] == 4
 
 
 def test_direct_path_bounds_bytes_and_skips_kernel_accepted_writes() -> None:
     from service.outbound import DirectOutbound
 
-    slow: list[int] = []
     counters = Counters()
-    link = _Link(room=10_000)
-    out = DirectOutbound(link, Bounds(frames=1000, bytes=300, drop_oldest=False), counters, lambda: slow.append(1))
+    link = _Transport(room=10_000)
+    out = DirectOutbound(link, Bounds(frames=1000, bytes=300, drop_oldest=False), counters)
     frame = Message("c", b'"' + b"x" * 98 + b'"')  # 102-byte frames
     for _ in range(98):  # the kernel takes them all: nothing is queued
         out.offer(frame)
     assert out.depth() == (0, 0) and counters.delivered == 98
     # The kernel takes 4 more bytes: the 99th frame waits with 98 bytes, the 100th makes 200
-    # bytes, the 101st would make 302 > 300 bytes: the policy acts.
-    for _ in range(3):
-        out.offer(frame)
-    assert slow == [1] and counters.delivered == 100
+    # bytes, the 101st would make 302 > 300 bytes: the verdict is the slow close.
+    assert [out.offer(frame) for _ in range(3)] == [None, None, wire.SLOW]
+    assert counters.delivered == 100
 
 
-def test_direct_path_writes_nothing_once_a_close_frame_is_sent() -> None:
+def test_direct_path_writes_nothing_to_a_closing_transport() -> None:
     from service.outbound import DirectOutbound
 
     counters = Counters()
-    link = _Link(room=10_000)
-    out = DirectOutbound(link, Bounds(frames=10, bytes=1 << 20, drop_oldest=False), counters, lambda: None)
+    link = _Transport(room=10_000)
+    out = DirectOutbound(link, Bounds(frames=10, bytes=1 << 20, drop_oldest=False), counters)
     frame = Message("c", b'"x"')
     out.offer(frame)
-    link.close(4000, "idle timeout")
-    out.offer(frame)
-    assert counters.delivered == 1 and out.closed and link.room == 10_000 - len(frame.frame)
+    link.closing = True
+    assert out.offer(frame) is None
+    assert counters.delivered == 1 and link.room == 10_000 - len(frame.frame)

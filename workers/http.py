@@ -34,6 +34,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.ratelog import RateLimitedLog
+from workers import lean
 from workers.limits import DEFAULT_LIMITS, Limits
 
 _END_OF_HEAD = b"\r\n\r\n"
@@ -119,6 +120,11 @@ class BroadcastHttpProtocol(HttpToolsProtocol):
             self._head_bytes = total
             self._tail = (tail + data[-3:])[-3:]
         return True
+
+    def handle_websocket_upgrade(self) -> None:
+        # A clean upgrade of /ws takes the lean path (workers.lean): no ASGI task per connection.
+        if not lean.upgrade(self):
+            super().handle_websocket_upgrade()
 
     # --- parser callbacks -----------------------------------------------------------------------
 

@@ -9,6 +9,9 @@ paid for, so one read costs at most the frames the budget still allows.
 
 from __future__ import annotations
 
+import logging
+import socket
+from asyncio import BaseTransport
 from dataclasses import dataclass
 
 from service.config import Settings
@@ -42,6 +45,22 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits.from_settings(Settings())
+
+log = logging.getLogger("wsbroadcast.protocol")
+
+
+def cap_send_buffer(transport: BaseTransport, send_buffer: int) -> None:
+    """Cap the socket's kernel send buffer at ``send_buffer`` (SEND_BUFFER_BYTES), so a stalled
+    client holds at most QUEUE_BYTES + SEND_BUFFER_BYTES."""
+    sock = transport.get_extra_info("socket")
+    if not send_buffer or sock is None:
+        return
+    try:
+        # Linux doubles the value it is given (bookkeeping overhead): halve it, so that the
+        # kernel holds at most SEND_BUFFER_BYTES for a stalled client.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(send_buffer // 2, 2048))
+    except OSError as exc:  # an exotic transport; the user-space bound still holds
+        log.warning("could not set SO_SNDBUF=%d: %s", send_buffer, exc)
 
 # Longest client frame header: 2 bytes, 8 of extended length, 4 of mask.
 _MAX_HEADER = 14

@@ -1,11 +1,11 @@
-"""Our uvicorn WebSocket protocol: uvicorn's sans-I/O protocol plus the fast-path scope extension.
+"""Our uvicorn WebSocket protocol, for the connections the lean path (``workers.lean``) does not take.
 
-With permessage-deflate off, a broadcast frame is byte-for-byte the same for every connection, so
-the hub builds it once and writes it to each transport through the ``DirectLink`` this protocol is,
-with no per-connection framing, task wake-up or await. Every write here, ours and uvicorn's, is one
-synchronous ``transport.write`` of whole frames, so frames never interleave; the fast path writes
-only while ``close_sent``, ``disconnected`` and ``transport.is_closing()`` are all false, and every
-close path sets one of them.
+Those are the connections with permessage-deflate (WS_COMPRESSION), with drop-oldest, with
+FAST_PATH off, or whose handshake the lean path leaves to websockets to answer. They run the ASGI
+endpoint; this protocol offers it the ``wsbroadcast.direct`` scope extension: a synchronous
+``close`` (and ``send_now`` for the frames before it) that never awaits the client, so any
+connection can be closed from fan-out or a timer. Every write here, ours and uvicorn's, is one
+synchronous ``transport.write`` of whole frames, so frames never interleave.
 
 Each accepted socket's kernel send buffer is capped at SEND_BUFFER_BYTES so a stalled client holds
 at most QUEUE_BYTES + SEND_BUFFER_BYTES.
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from asyncio.transports import BaseTransport
 from typing import Any
 
@@ -40,9 +39,8 @@ from websockets.frames import Frame
 from websockets.http11 import Request
 
 from service import wire
-from workers.limits import DEFAULT_LIMITS, FrameBudget, Limits
-
-EXTENSION = "wsbroadcast.direct"
+from service.endpoint import LINK_EXTENSION
+from workers.limits import DEFAULT_LIMITS, FrameBudget, Limits, cap_send_buffer
 
 log = logging.getLogger("wsbroadcast.protocol")
 
@@ -212,27 +210,14 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_made(self, transport: BaseTransport) -> None:
         super().connection_made(transport)
-        send_buffer = getattr(self.config, "wsbroadcast_send_buffer_bytes", 0)
-        sock = transport.get_extra_info("socket")
-        if send_buffer and sock is not None:
-            try:
-                # Linux doubles the value it is given (bookkeeping overhead): halve it, so that the
-                # kernel holds at most SEND_BUFFER_BYTES for a stalled client.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(send_buffer // 2, 2048))
-            except OSError as exc:  # an exotic transport; the user-space bound still holds
-                log.warning("could not set SO_SNDBUF=%d: %s", send_buffer, exc)
+        cap_send_buffer(transport, getattr(self.config, "wsbroadcast_send_buffer_bytes", 0))
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         # The link is offered on every accepted upgrade, so that any connection can be closed
-        # without awaiting its client (the abort timer bounds a stalled one); writing frames
-        # through it ("direct") only without compression: a compressed frame differs per
-        # connection, so the ASGI path must build it.
+        # without awaiting its client (the abort timer bounds a stalled one).
         if self.response.status_code == 101:
-            self.scope["extensions"][EXTENSION] = {  # type: ignore[index]
-                "link": self,
-                "direct": not self.conn.extensions,
-            }
+            self.scope["extensions"][LINK_EXTENSION] = {"link": self}  # type: ignore[index]
 
     async def run_asgi(self) -> None:
         # As uvicorn's, except that a handshake refused with a denial response (401, 403, 503) counts
@@ -269,7 +254,14 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
         # The scope (kept by the app for the connection's life) refers back to us through the
         # link: break the cycle so a closed connection is freed at once, not by the cyclic GC.
         extensions = getattr(self, "scope", {}).get("extensions") or {}
-        extensions.pop(EXTENSION, None)
+        extensions.pop(LINK_EXTENSION, None)
+
+    def send_now(self, text: str) -> None:
+        """Write a text frame now, ahead of nothing: for the last frames before a close."""
+        if self.close_sent or self.disconnected or self.transport.is_closing():
+            return
+        self.conn.send_text(text.encode())
+        self.transport.write(b"".join(self.conn.data_to_send()))
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame without awaiting the client and abort if it does not answer in time."""

@@ -59,6 +59,8 @@ class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker sh
         self.config.app = self.wsgi
         # The HTTP protocol counts its rejections in the worker's counters (no per-connection state).
         self.config.wsbroadcast_counters = getattr(self.wsgi, "counters", None)
+        # The lean path (workers.lean) serves /ws with the app's parts, without the ASGI app.
+        self.config.wsbroadcast_service = getattr(self.wsgi, "service", None)
         server = Server(config=self.config)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGQUIT, None)
