@@ -51,11 +51,11 @@ class ClientFrames:
 
     ``feed`` returns ``(opcode, payload)`` pairs: TEXT with the message as ``str``, BINARY with its
     bytes, PING/PONG/CLOSE with the frame's payload (a CLOSE payload is validated: empty, or a
-    sendable code and a UTF-8 reason). A violation raises ``ProtocolError`` after the events before
-    it were taken with ``pending``; the parser is then done.
+    sendable code and a UTF-8 reason), after which nothing more is parsed. A violation raises
+    ``ProtocolError``; the events before it in the same read are in ``pending``.
     """
 
-    __slots__ = ("_buf", "_message", "_opcode", "max_size", "pending")
+    __slots__ = ("_buf", "_closed", "_message", "_opcode", "max_size", "pending")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
@@ -63,8 +63,11 @@ class ClientFrames:
         self._message: bytearray | None = None  # a fragmented message's payload so far
         self._opcode = 0  # its opcode
         self.pending: list[tuple[int, bytes | str]] = []
+        self._closed = False  # a close frame came: nothing after it is parsed
 
     def feed(self, data: bytes) -> list[tuple[int, bytes | str]]:
+        if self._closed:
+            return []
         if self._buf:
             self._buf += data
             buf: bytes | bytearray = self._buf
@@ -116,6 +119,10 @@ class ClientFrames:
             if opcode in _CONTROL:
                 if opcode == CLOSE:
                     _check_close(payload)
+                    events.append((opcode, payload))
+                    self._closed = True
+                    self._buf = b""
+                    break
                 events.append((opcode, payload))
                 continue
             message = self._message
@@ -141,7 +148,7 @@ class ClientFrames:
                     raise ProtocolError(1007, "invalid UTF-8 in a text message") from None
             else:
                 events.append((BINARY, payload))
-        if pos == n:
+        if pos == n or self._closed:
             self._buf = b""
         elif pos or buf is data:
             self._buf = bytearray(buf[pos:])
@@ -154,9 +161,10 @@ def _check_close(payload: bytes) -> None:
         return
     if len(payload) < 2:
         raise ProtocolError(1002, "close frame too short")
-    if close_code(payload) not in _SENDABLE and not 3000 <= close_code(payload) < 5000:
-        raise ProtocolError(1002, f"invalid close code {close_code(payload)}")
     try:
         payload[2:].decode()
     except UnicodeDecodeError:
         raise ProtocolError(1007, "invalid UTF-8 in a close reason") from None
+    code = close_code(payload)
+    if code not in _SENDABLE and not 3000 <= code < 5000:
+        raise ProtocolError(1002, f"invalid close code {code}")
