@@ -8,7 +8,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN, SERVER, Protocol
 
 from workers.wsframes import BINARY, CLOSE, CONT, PING, PONG, TEXT, ClientFrames, ProtocolError
@@ -105,6 +105,7 @@ def _websockets(data: bytes) -> tuple[list[tuple[int, bytes | str]], int | None]
     message: list[bytes] = []
     kind = 0
     for event in protocol.events_received():
+        assert isinstance(event, Frame)
         opcode, payload = int(event.opcode), bytes(event.data)
         if event.opcode in (Opcode.PING, Opcode.PONG, Opcode.CLOSE):
             events.append((opcode, payload))
