@@ -19,9 +19,9 @@ from workers.logfilter import redact
 SECRET = "connect-secret-logs-7d1e"
 
 
-@pytest.fixture(scope="module")
-def service(redis_server: PrivateRedis) -> Iterator[Service]:
-    with Service(redis_server.url, workers=1, connect_secret=SECRET) as svc:
+@pytest.fixture(scope="module", params=[1, 0], ids=["lean-path", "asgi-path"])
+def service(redis_server: PrivateRedis, request: pytest.FixtureRequest) -> Iterator[Service]:
+    with Service(redis_server.url, workers=1, connect_secret=SECRET, fast_path=request.param) as svc:
         yield svc
 
 

@@ -26,15 +26,15 @@ from tests.support import Service, recv_ack, recv_json, recv_publication, subscr
 MAX_BYTES = 4096
 
 
-@pytest.fixture(scope="module")
-def service(redis_server: PrivateRedis) -> Iterator[Service]:
+@pytest.fixture(scope="module", params=[1, 0], ids=["lean-path", "asgi-path"])
+def service(redis_server: PrivateRedis, request: pytest.FixtureRequest) -> Iterator[Service]:
     limits: dict[str, Any] = {
         "max_message_bytes": MAX_BYTES,
         "max_channels_per_connection": 3,
         "client_rate_limit": 20,
         "client_rate_burst": 40,
     }
-    with Service(redis_server.url, workers=1, **limits) as svc:
+    with Service(redis_server.url, workers=1, fast_path=request.param, **limits) as svc:
         yield svc
 
 

@@ -47,9 +47,13 @@ def _metric(service: Service, line_start: str) -> float:
     return 0.0
 
 
+PATHS = pytest.mark.parametrize("fast_path", [1, 0], ids=["lean-path", "asgi-path"])
+
+
+@PATHS
 @pytest.mark.parametrize("kind", ["pong", "ping", "cont"])
-async def test_a_flood_of_tiny_frames_is_closed_1008(redis_server: PrivateRedis, kind: str) -> None:
-    with Service(redis_server.url, workers=1) as service:
+async def test_a_flood_of_tiny_frames_is_closed_1008(redis_server: PrivateRedis, kind: str, fast_path: int) -> None:
+    with Service(redis_server.url, workers=1, fast_path=fast_path) as service:
         other = await subscribe_client(service, "news")
         pid = _health(service)["worker"]["pid"]
         outcome = await asyncio.to_thread(attack_flood, HOST, service.port, kind)
@@ -65,8 +69,9 @@ async def test_a_flood_of_tiny_frames_is_closed_1008(redis_server: PrivateRedis,
         assert "Traceback" not in service.log(), service.log()[-3000:]
 
 
-async def test_a_legitimate_fragmented_message_passes_the_budget(redis_server: PrivateRedis) -> None:
-    with Service(redis_server.url, workers=1) as service:
+@PATHS
+async def test_a_legitimate_fragmented_message_passes_the_budget(redis_server: PrivateRedis, fast_path: int) -> None:
+    with Service(redis_server.url, workers=1, fast_path=fast_path) as service:
         client = RawClient(HOST, service.port).handshake("/ws?channels=")
         text = b'{"op":"ping"}'
         parts = [client_frame(0x1, text[:1], fin=False)]
@@ -80,11 +85,15 @@ async def test_a_legitimate_fragmented_message_passes_the_budget(redis_server: P
         client.close()
 
 
-async def test_pings_never_read_are_closed_4008_without_growing_memory(redis_server: PrivateRedis) -> None:
+@PATHS
+async def test_pings_never_read_are_closed_4008_without_growing_memory(
+    redis_server: PrivateRedis, fast_path: int
+) -> None:
     queue_bytes = 262144
     with Service(
         redis_server.url,
         workers=1,
+        fast_path=fast_path,
         queue_bytes=queue_bytes,
         send_buffer_bytes=65536,
         # The frame budget would close this client first: here it is the unread replies that count.

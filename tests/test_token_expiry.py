@@ -18,9 +18,9 @@ from tests.support import Service, recv_ack, recv_acks, recv_json, recv_publicat
 SECRET = "connect-secret-expiry-41c2"
 
 
-@pytest.fixture(scope="module")
-def service(redis_server: PrivateRedis) -> Iterator[Service]:
-    with Service(redis_server.url, workers=1, connect_secret=SECRET) as svc:
+@pytest.fixture(scope="module", params=[1, 0], ids=["lean-path", "asgi-path"])
+def service(redis_server: PrivateRedis, request: pytest.FixtureRequest) -> Iterator[Service]:
+    with Service(redis_server.url, workers=1, connect_secret=SECRET, fast_path=request.param) as svc:
         yield svc
 
 

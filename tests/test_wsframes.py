@@ -42,7 +42,7 @@ def parse(data: bytes, chunks: list[int] | None = None) -> tuple[list[tuple[int,
         try:
             events += parser.feed(data[start:cut])
         except ProtocolError as exc:
-            return events + parser.pending, exc.code
+            return events + exc.events, exc.code
         start = cut
     return events, None
 

@@ -130,17 +130,20 @@ class LeanWorker:
             self._sweep = self.loop.call_later(self._tick(), self.sweep)
 
 
-class LeanConnection(asyncio.Protocol):
-    """One admitted WebSocket on the lean path, from the 101 until the transport is gone."""
+class LeanConnection(ClientFrames, asyncio.Protocol):
+    """One admitted WebSocket on the lean path, from the 101 until the transport is gone.
 
-    __slots__ = ("_abort", "_budget", "_frames", "_reading", "_worker", "ping_due", "pong_due", "session",
-                 "transport")
+    It is its own client-frame parser (the parser's few slots are its own: one object less per
+    connection); its frame budget is made when the client first sends something.
+    """
+
+    __slots__ = ("_abort", "_budget", "_reading", "_worker", "ping_due", "pong_due", "session", "transport")
 
     def __init__(self, worker: LeanWorker, transport: asyncio.Transport) -> None:
+        super().__init__(worker.max_size)
         self._worker = worker
         self.transport = transport
-        self._frames = ClientFrames(worker.max_size)
-        self._budget = FrameBudget(worker.limits, worker.loop.time())
+        self._budget: FrameBudget | None = None
         self._reading = True  # False once nothing more the client sends is parsed
         self._abort: asyncio.TimerHandle | None = None
         self.ping_due = worker.loop.time() + worker.ping_interval
@@ -153,13 +156,16 @@ class LeanConnection(asyncio.Protocol):
         if not self._reading:
             return
         worker = self._worker
-        if not self._budget.charge(data, worker.loop.time()):
+        budget = self._budget
+        if budget is None:
+            budget = self._budget = FrameBudget(worker.limits, worker.loop.time())
+        if not budget.charge(data, worker.loop.time()):
             self._abuse(wire.TOO_MANY_FRAMES)
             return
         try:
-            events = self._frames.feed(data)
+            events = self.feed(data)
         except ProtocolError as exc:
-            self._handle(self._frames.pending)
+            self._handle(exc.events)
             self._protocol_error(exc)
             return
         self._handle(events)
@@ -281,8 +287,9 @@ class LeanConnection(asyncio.Protocol):
         worker = self._worker
         worker.connections.discard(self)
         worker.registry.discard(self)
-        if self.session is not None:
-            self.session.ended()
+        session, self.session = self.session, None  # type: ignore[assignment]  # the last callback
+        if session is not None:
+            session.ended()
 
 
 def upgrade(http: BroadcastHttpProtocol) -> bool:
@@ -319,6 +326,8 @@ def upgrade(http: BroadcastHttpProtocol) -> bool:
         b"x-wsbroadcast-worker: ", service.worker_name.encode(), b"\r\n\r\n",
     ]
     transport.write(b"".join(head))
+    # The HTTP protocol and its parser refer to each other: freed now, not by the cyclic GC.
+    http.parser = None  # type: ignore[assignment]
     cap_send_buffer(transport, worker.send_buffer)
     _open(worker, transport, verdict, query.get("channels"))
     return True

@@ -39,6 +39,8 @@ class ProtocolError(Exception):
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
+        # What the same read held before the violation, to be handled as usual.
+        self.events: list[tuple[int, bytes | str]] = []
 
 
 def close_code(payload: bytes) -> int:
@@ -52,29 +54,40 @@ class ClientFrames:
     ``feed`` returns ``(opcode, payload)`` pairs: TEXT with the message as ``str``, BINARY with its
     bytes, PING/PONG/CLOSE with the frame's payload (a CLOSE payload is validated: empty, or a
     sendable code and a UTF-8 reason), after which nothing more is parsed. A violation raises
-    ``ProtocolError``; the events before it in the same read are in ``pending``.
+    ``ProtocolError``, which carries the events before it in the same read.
+
+    A connection may be one (subclass it): its state is then a few slots of the connection's own.
     """
 
-    __slots__ = ("_buf", "_closed", "_message", "_opcode", "max_size", "pending")
+    __slots__ = ("_buf", "_closed", "_message", "_opcode", "max_size")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
         self._buf: bytes | bytearray = b""  # the start of a frame cut by the end of a read
         self._message: bytearray | None = None  # a fragmented message's payload so far
         self._opcode = 0  # its opcode
-        self.pending: list[tuple[int, bytes | str]] = []
         self._closed = False  # a close frame came: nothing after it is parsed
 
     def feed(self, data: bytes) -> list[tuple[int, bytes | str]]:
         if self._closed:
             return []
+        events: list[tuple[int, bytes | str]] = []
+        try:
+            self._parse(data, events)
+        except ProtocolError as exc:
+            self._closed = True
+            self._buf = b""
+            self._message = None
+            exc.events = events
+            raise
+        return events
+
+    def _parse(self, data: bytes, events: list[tuple[int, bytes | str]]) -> None:
         if self._buf:
             self._buf += data
             buf: bytes | bytearray = self._buf
         else:
             buf = data
-        events: list[tuple[int, bytes | str]] = []
-        self.pending = events
         n = len(buf)
         pos = 0
         while n - pos >= 2:
@@ -152,8 +165,6 @@ class ClientFrames:
             self._buf = b""
         elif pos or buf is data:
             self._buf = bytearray(buf[pos:])
-        self.pending = []
-        return events
 
 
 def _check_close(payload: bytes) -> None:
