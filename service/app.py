@@ -76,7 +76,7 @@ class Service:
         )
         self.tracker = Tracker(settings.max_connections, settings.idle_timeout, self.hub.last_publish)
         self.broker = Broker(settings, self.keys, self.worker_id, self._on_message, self._on_reconnect)
-        self.history = History(self.broker.redis, self.keys, settings)
+        self.history = History(self.broker, self.keys, settings)
         self.recovery = Recovery(self.history, self.hub)
         self._library: asyncio.Task[None] | None = None
         self.memory = MemoryMonitor(settings, self.tracker)
@@ -93,10 +93,11 @@ class Service:
     def _on_hole(self, channel: str, offset: int, epoch: str) -> None:
         self.recovery.on_hole(channel, offset, epoch)
 
-    def _on_reconnect(self) -> None:
-        # A Redis that restarted without persistence has lost the function library too.
+    def _on_reconnect(self, channels: list[str] | None) -> None:
+        # A Redis that restarted without persistence has lost the function library too (and a
+        # replica promoted to master may have missed its last load).
         self._library = asyncio.get_running_loop().create_task(self.load_library())
-        self.recovery.check_all(self.confirmed)
+        self.recovery.check_all(self.confirmed, channels)
 
     async def load_library(self) -> None:
         """Load the publish function into Redis (every publish path also loads it when missing,
@@ -309,7 +310,7 @@ async def cluster_health(request: Request) -> Response:
     access = _health_access(request)
     if isinstance(access, Response):
         return access
-    doc = await health.cluster_report(service.broker.redis, service.keys, health.CLUSTER_TIMEOUT)
+    doc = await health.cluster_report(service.broker.masters(), service.keys, health.CLUSTER_TIMEOUT)
     return _health_json(doc if access else _public(health.public_cluster(doc), service.settings))
 
 

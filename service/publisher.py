@@ -85,12 +85,14 @@ class _Command:
 
 
 def command(settings: Settings, channel: str, data: bytes, idempotency_key: str | None = None) -> _Command:
-    """The call of ``wsb_publish`` that publishes the JSON ``data`` bytes on ``channel``."""
+    """The call of ``wsb_publish`` that publishes the JSON ``data`` bytes on ``channel``
+    (``wsb_spublish``, the same with sharded pub/sub, on a Redis Cluster)."""
     keys, args = history.publish_call(
         Keys(settings.redis_prefix), settings, channel, data, idempotency_key, settings.idempotency_window
     )
     fingerprint = history.fingerprint(channel, data) if idempotency_key is not None else ""
-    return _Command(("FCALL", "wsb_publish", len(keys), *keys, *args), fingerprint)
+    function = "wsb_spublish" if settings.redis_cluster else "wsb_publish"
+    return _Command(("FCALL", function, len(keys), *keys, *args), fingerprint)
 
 
 def check_key(idempotency_key: str | None) -> None:
