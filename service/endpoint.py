@@ -26,7 +26,7 @@ from service.recovery import Recovered
 from service.tracker import Connection
 
 if TYPE_CHECKING:
-    from service.app import Service
+    from service.node import Node
 
 log = logging.getLogger("wsbroadcast.endpoint")
 # Every client can subscribe while Redis is down: one line per interval, not one per subscribe.
@@ -62,7 +62,7 @@ class _RateLimit:
 async def websocket_endpoint(ws: WebSocket, receive: Receive) -> None:
     """Serve one WebSocket; ``receive`` is the server's own (Starlette's wrapper would keep one more
     suspended coroutine alive per idle connection)."""
-    service: Service = ws.app.state.service
+    service: Node = ws.app.state.node
     refusal = await service.gate.check(ws)
     if refusal is not None:
         await _deny(ws, *refusal)
@@ -91,7 +91,7 @@ async def _deny(ws: WebSocket, status: int, detail: str, retry_after: int | None
 class _Session:
     """One admitted connection, from accept to unregister."""
 
-    def __init__(self, service: Service, ws: WebSocket, receive: Receive) -> None:
+    def __init__(self, service: Node, ws: WebSocket, receive: Receive) -> None:
         self.service = service
         self.ws = ws
         self.receive = receive

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from service import wire
-from service.tracker import Counters
+from service.counters import Counters
 
 
 def ws_text_frame(payload: bytes) -> bytes:

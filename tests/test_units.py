@@ -9,8 +9,9 @@ from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
 from service.config import Settings, SettingsError
+from service.counters import Counters
 from service.outbound import Bounds, Message, QueueOutbound, ws_text_frame
-from service.tracker import Counters, Tracker
+from service.tracker import Tracker
 from tests.support import Recorder
 
 
