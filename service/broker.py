@@ -23,6 +23,7 @@ from redis.exceptions import AskError, MovedError
 
 from service import publisher
 from service.config import Settings
+from service.counters import Counters
 from service.keys import Keys
 from service.listener import Listener
 from service.publisher import Published
@@ -47,6 +48,7 @@ class Broker:
         worker_id: tuple[str, int],
         on_message: Callable[[str, bytes], None],
         on_reconnect: Callable[[list[str] | None], None] | None = None,
+        counters: Counters | None = None,
     ) -> None:
         self._settings = settings
         self._keys = keys
@@ -64,7 +66,8 @@ class Broker:
         self._refresh_wanted = asyncio.Event()
         self._topology_task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._gone = _Gone()
+        self.counters = Counters() if counters is None else counters
+        self._ever_connected = False
         if not self.cluster:
             self._add_listener(self.topology.masters[0])
 
@@ -208,7 +211,7 @@ class Broker:
 
     @property
     def ever_connected(self) -> bool:
-        return any(listener.ever_connected for listener in self._live()) or self._gone.ever_connected
+        return self._ever_connected
 
     @property
     def canary_ok(self) -> bool:
@@ -224,14 +227,6 @@ class Broker:
         if self._unplaced():
             errors.append(f"{self._unplaced()} subscribed channels in slots no master serves")
         return "; ".join(errors) or ("no Redis Cluster master known yet" if not self._live() else "")
-
-    @property
-    def reconnects(self) -> int:
-        return sum(listener.reconnects for listener in self._live()) + self._gone.reconnects
-
-    @property
-    def canary_misses(self) -> int:
-        return sum(listener.canary_misses for listener in self._live()) + self._gone.canary_misses
 
     @property
     def down_since(self) -> float | None:
@@ -261,7 +256,6 @@ class Broker:
         for address in list(self._listeners):
             if address not in masters:
                 listener = self._listeners.pop(address)
-                self._gone.add(listener)
                 task = asyncio.get_running_loop().create_task(listener.stop())
                 task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
         for address in masters:
@@ -282,7 +276,7 @@ class Broker:
     def _add_listener(self, address: str) -> Listener:
         listener = self._listeners[address] = Listener(
             address, self.topology.pool(address), self.topology.redis(address), self._canary(address),
-            self._settings.canary_interval, sharded=self.cluster, on_message=self._message,
+            self._settings.canary_interval, self.counters, sharded=self.cluster, on_message=self._message,
             on_confirmed=self._confirmed, on_up=self._up, on_dropped=self._dropped, on_error=self._error,
         )
         return listener
@@ -326,6 +320,7 @@ class Broker:
                 future.set_result(None)
 
     def _up(self, listener: Listener, again: bool) -> None:
+        self._ever_connected = True
         if not again or self._on_reconnect is None:
             return
         if not self.cluster:
@@ -355,17 +350,3 @@ class Broker:
     def _error(self, listener: Listener) -> None:
         if self.cluster:
             self._refresh_wanted.set()
-
-
-class _Gone:
-    """What the listeners of nodes no longer masters had counted (the counters only grow)."""
-
-    def __init__(self) -> None:
-        self.reconnects = 0
-        self.canary_misses = 0
-        self.ever_connected = False
-
-    def add(self, listener: Listener) -> None:
-        self.reconnects += listener.reconnects
-        self.canary_misses += listener.canary_misses
-        self.ever_connected = self.ever_connected or listener.ever_connected

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+from service.wire import CHANNEL_RULE, is_channel
 
 
 class SettingsError(ValueError):
@@ -61,12 +61,12 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 
 
 def _channel(raw: str) -> str:
-    if not CHANNEL_RE.fullmatch(raw):
+    if not is_channel(raw):
         raise ValueError
     return raw
 
 
-_channel.__doc__ = "a channel name matching [A-Za-z0-9_.:-]{1,128}"
+_channel.__doc__ = "a channel name: " + CHANNEL_RULE
 
 
 def _text(raw: str) -> str:

@@ -25,17 +25,17 @@ retries once, so no publish fails for that.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from service.keys import Keys
+from service.topology import Nodes, One
+from service.wire import CHANNEL_RULE
 
 LIBRARY = "wsbroadcast"
-T = TypeVar("T")
 
 # Bump VERSION with any change to the code: workers load the library with REPLACE, and the
 # version in the source makes a mixed deployment's library visible (FUNCTION LIST).
@@ -93,7 +93,7 @@ local function publisher(sharded)
       end
     end
     if #channel > 128 or not string.match(channel, '^[%w_.:-]+$') then
-      return redis.error_reply('ERR wsbroadcast: channel names match [A-Za-z0-9_.:-]{1,128}')
+      return redis.error_reply('ERR wsbroadcast: __CHANNEL_RULE__')
     end
     if not pcall(cjson.decode, data) then
       return redis.error_reply('ERR wsbroadcast: data is not valid JSON')
@@ -151,7 +151,7 @@ redis.register_function{function_name='wsb_range', flags={'no-writes'}, callback
   return out
 end}
 """
-LUA = _SOURCE.replace("__VERSION__", str(VERSION))
+LUA = _SOURCE.replace("__VERSION__", str(VERSION)).replace("__CHANNEL_RULE__", CHANNEL_RULE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,37 +191,12 @@ class Range:
     complete: bool
 
 
-class Nodes(Protocol):
-    """Where the history's keys live: one Redis, or a cluster's masters (``Broker`` is one)."""
-
-    cluster: bool
-
-    async def run(self, key: str, command: Callable[[Redis], Awaitable[T]]) -> T: ...
-
-    def masters(self) -> list[Redis]: ...
-
-
-class _One:
-    """A single Redis as ``Nodes``."""
-
-    cluster = False
-
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-
-    async def run(self, key: str, command: Callable[[Redis], Awaitable[T]]) -> T:
-        return await command(self._redis)
-
-    def masters(self) -> list[Redis]:
-        return [self._redis]
-
-
 class History:
     """Positions and reads of the ``wsbroadcast`` function library on one Redis or a cluster's
     masters (publishing is ``service.publisher``'s, which says what is known when it fails)."""
 
     def __init__(self, redis: Redis | Nodes, keys: Keys, settings: HistorySettings) -> None:
-        self._nodes: Nodes = _One(redis) if isinstance(redis, Redis) else redis
+        self._nodes: Nodes = One(redis) if isinstance(redis, Redis) else redis
         self._keys = keys
         self.size = settings.history_size
         self._meta_ttl_ms = str(int(settings.history_meta_ttl * 1000))

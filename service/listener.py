@@ -24,6 +24,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
+from service.counters import Counters
 from service.topology import slot
 
 log = logging.getLogger("wsbroadcast.broker")
@@ -43,6 +44,7 @@ class Listener:
         redis: Redis,
         canary_channel: str,
         canary_interval: float,
+        counters: Counters,
         *,
         sharded: bool,
         on_message: Callable[[bytes, bytes], None],
@@ -88,8 +90,8 @@ class Listener:
         self._attempt_started: float | None = None
         self.connected = False
         self.down_since: float | None = time.monotonic()
+        self.counters = counters  # the worker's, shared by its listeners
         self.reconnects = 0
-        self.canary_misses = 0
         self.canary_ok = True
         self.canary_error = ""  # why the last canary was missed, while canary_ok is False
         self.last_error = "not connected yet"
@@ -285,6 +287,7 @@ class Listener:
             again = self.ever_connected
             if again:
                 self.reconnects += 1
+                self.counters.reconnects += 1
                 down = time.monotonic() - (self.down_since or time.monotonic())
                 log.warning(
                     "Redis pub/sub connection to %s restored after %.2f s; resubscribed %d channels",
@@ -341,7 +344,7 @@ class Listener:
                     # Late is not lost: a worker busy for one interval must not restart a healthy
                     # listener (the restart itself would drop the publications of the gap).
                     continue
-                self.canary_misses += 1
+                self.counters.canary_misses += 1
                 if self.canary_ok:
                     log.warning("canary missed: the pub/sub listener on %s is not delivering; restarting it", self.node)
                 self.canary_ok = False
@@ -379,7 +382,7 @@ class Listener:
         self._canary_pending = None
         if not self.connected:
             return  # the listener saw the loss first; its reason says more than this one
-        self.canary_misses += 1
+        self.counters.canary_misses += 1
         if self.canary_ok:
             log.warning("canary not accepted by Redis %s: %s; reporting degraded until one is back", self.node, reason)
         self.canary_ok = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -36,6 +36,31 @@ T = TypeVar("T")
 def slot(key: str) -> int:
     """The hash slot of a key or shard channel (its ``{hash tag}``, if it has one)."""
     return int(key_slot(key.encode()))
+
+
+class Nodes(Protocol):
+    """Where the history's keys live: one Redis, or a cluster's masters (``Broker`` is one)."""
+
+    cluster: bool
+
+    async def run(self, key: str, command: Callable[[Redis], Awaitable[T]]) -> T: ...
+
+    def masters(self) -> list[Redis]: ...
+
+
+class One:
+    """A single Redis as ``Nodes``."""
+
+    cluster = False
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def run(self, key: str, command: Callable[[Redis], Awaitable[T]]) -> T:
+        return await command(self._redis)
+
+    def masters(self) -> list[Redis]:
+        return [self._redis]
 
 
 class Topology:
