@@ -86,14 +86,11 @@ class Topology:
     def _pool(self, address: str) -> BlockingConnectionPool:
         pool = self._pools.get(address)
         if pool is None:
-            kwargs: dict[str, Any] = {}
-            if self.cluster:
-                host, _, port = address.rpartition(":")
-                kwargs = {"host": host, "port": int(port)}
+            url = _node_url(self._settings.redis_url, address) if self.cluster else self._settings.redis_url
             # No client-side retries: a publish while Redis is down fails at once (503) instead
             # of hanging for the retry schedule. RESP2: pub/sub messages arrive as plain replies.
             pool = BlockingConnectionPool.from_url(
-                self._settings.redis_url,
+                url,
                 max_connections=self._settings.redis_pool_size,
                 timeout=self._settings.redis_pool_timeout,
                 socket_connect_timeout=CONNECT_TIMEOUT,
@@ -101,7 +98,6 @@ class Topology:
                 retry=Retry(NoBackoff(), 0),
                 protocol=2,
                 client_name=self._client_name,
-                **kwargs,
             )
             self._pools[address] = pool
             self._clients[address] = Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
@@ -218,6 +214,14 @@ class Topology:
         log.info("Redis Cluster slot map: %d masters%s", len(new_masters),
                  f", {uncovered} slots served by none" if uncovered else "")
         return True
+
+
+def _node_url(url: str, address: str) -> str:
+    """``url`` (its scheme, credentials and options) pointed at the node ``address``."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@{address}" if credentials else address
+    return parts._replace(netloc=netloc, path="").geturl()
 
 
 def _ignore(task: asyncio.Task[Any]) -> None:
