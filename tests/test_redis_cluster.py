@@ -166,13 +166,15 @@ async def test_a_slot_migration_keeps_delivering_without_a_hole(redis_cluster: P
 
             publisher = asyncio.create_task(publish_steadily())
 
-            async def some(count: int) -> bool:
-                return len(published) >= count
+            def some(count: int) -> Any:
+                async def enough() -> bool:
+                    return len(published) >= count
 
-            await async_wait_until(some, 10, what="publications before the migration")
+                return enough
+
+            await async_wait_until(some(20), 10, what="publications before the migration")
             migrate_slot(redis_cluster, slot_of(source, key), source, target)
-            before = len(published)
-            await async_wait_until(lambda: some(before + 30), 15, what="publications after the migration")
+            await async_wait_until(some(len(published) + 30), 15, what="publications after the migration")
             stop.set()
             await publisher
             assert owner_port(redis_cluster, key) == target
