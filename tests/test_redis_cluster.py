@@ -86,6 +86,7 @@ def check_invariant(frames: list[dict[str, Any]]) -> int:
         assert key not in seen, f"duplicate {key}"
         seen.add(key)
         if epoch is not None:
+            assert offset is not None
             assert frame["epoch"] == epoch and frame["offset"] == offset + 1, (
                 f"silent hole or jump: {epoch}/{offset} then {key}"
             )
@@ -203,7 +204,7 @@ def migrate_slot(cluster: PrivateCluster, slot: int, source: int, target: int) -
         keys = ask(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100")
         if not keys:
             break
-        ask(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys)  # type: ignore[misc]
+        ask(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys)
     for port in (target, source, *(p for p in cluster.master_ports() if p not in (source, target))):
         ask(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
 
