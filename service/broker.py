@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import AskError, MovedError
+from redis.exceptions import AskError, MovedError, TryAgainError
 
 from service import publisher
 from service.config import Settings
@@ -34,6 +34,7 @@ log = logging.getLogger("wsbroadcast.broker")
 # How often a cluster's slot map is read even when nothing suggested a change: it bounds how late
 # a failover is noticed by a worker whose commands all went to healthy nodes.
 REFRESH_INTERVAL = 1.0
+TRY_AGAIN_DELAY = 0.05
 # Canary channel names tried per master to find one in a slot that master serves.
 CANARY_TRIES = 100_000
 
@@ -176,9 +177,17 @@ class Broker:
         try:
             return await publisher.execute(self.topology.pool(self._address(key)), cmd)
         except publisher.Refused as exc:
+            cause = exc.__cause__
             if not self.cluster:
                 raise
-            if not isinstance(exc.__cause__, (MovedError, AskError)):
+            if isinstance(cause, TryAgainError):
+                # Mid-migration, the channel's keys are split between the two nodes for a moment.
+                await asyncio.sleep(TRY_AGAIN_DELAY)
+                return await publisher.execute(self.topology.pool(self._address(key)), cmd)
+            if isinstance(cause, AskError):
+                # The slot is migrating and its keys already left: the importing node runs it.
+                return await publisher.execute(self.topology.pool(f"{cause.host}:{cause.port}"), cmd, asking=True)
+            if not isinstance(cause, MovedError):
                 self.topology.refresh_soon()
                 raise
         await self.topology.refresh()

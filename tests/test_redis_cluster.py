@@ -4,6 +4,9 @@ workers, connections bounded per node, a slot migration and a master's crash und
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -23,12 +26,17 @@ from tests.cluster import (
     shared_cluster,
     slot_of,
 )
-from tests.support import Service, async_wait_until, recv_acks, worker_of
+from tests.support import ROOT, Service, async_wait_until, recv_acks, worker_of
 
 __all__ = ["own_cluster", "shared_cluster"]  # the fixtures, used by name
 
 POOL_SIZE = 3
 CHANNELS = [f"ch{n}" for n in range(48)]
+
+
+def run_command(env: dict[str, str], module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=30)
 
 
 def cluster_service(cluster: PrivateCluster, **settings: Any) -> Service:
@@ -136,6 +144,22 @@ async def test_delivery_across_workers_on_sharded_pubsub_with_bounded_connection
                 counts = clients_by_name(port)
                 for worker in workers:
                     assert 1 <= counts.get(f"wsbroadcast:{worker}", 0) <= POOL_SIZE, (port, counts)
+
+            # The commands, pointed at any node: the coordinator reads every master's heartbeats,
+            # the publish command calls the function on the channel's master.
+            env = {**os.environ, "REDIS_URL": redis_cluster.url, "REDIS_CLUSTER": "1", "REDIS_PREFIX": service.prefix}
+            report = run_command(env, "scripts.health", "--json")
+            assert report.returncode == 0, report.stderr
+            doc = orjson.loads(report.stdout)
+            assert doc["status"] == "ok" and doc["totals"]["workers"] == 2, doc
+            for channel in (CHANNELS[0], CHANNELS[-1]):
+                done = run_command(env, "scripts.publish", channel, '{"n": 3}')
+                assert done.returncode == 0, done.stdout + done.stderr
+
+            async def by_command() -> bool:
+                return all(reader.data(c)[-1:] == [{"n": 3}] for reader in readers for c in (CHANNELS[0], CHANNELS[-1]))
+
+            await async_wait_until(by_command, 10, what="the command's publications")
         finally:
             for reader in readers:
                 await reader.close()

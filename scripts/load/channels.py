@@ -7,7 +7,8 @@ For each broker it starts a private Redis (or a cluster of ``--cluster-masters``
 connection), then publishes ``--channel-rate`` msg/s on every channel through the publish function
 (``wsb_publish`` / ``wsb_spublish``, on the node serving the channel, as the service does) for
 ``--duration`` s. It reports deliveries/s, latency, and each redis-server's CPU (user + system from
-``/proc/<pid>/stat``) over the step, with the workers' and the client processes' for context.
+``/proc/<pid>/stat``) over the step and idle before it (a cluster's bus costs CPU of its own), with
+the workers' and the client processes' for context.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from service.keys import Keys
 from service.topology import Topology
 
 PUBLISHERS = 16  # publications in flight at once
+IDLE_SECONDS = 5.0
 
 
 @dataclass
@@ -58,6 +60,7 @@ class BrokerResult:
     p99_ms: float = 0.0
     redis_cpu: dict[str, float] = field(default_factory=dict)  # node -> cores
     redis_cpu_total: float = 0.0
+    redis_idle_cpu: dict[str, float] = field(default_factory=dict)  # node -> cores, before publishing
     redis_us_per_publication: float = 0.0
     workers_cpu: float = 0.0
     clients_cpu: float = 0.0
@@ -136,6 +139,12 @@ async def _one(args: argparse.Namespace, broker: str) -> BrokerResult:
             await asyncio.sleep(1.0)
             redis_pids = _redis_pids(server)
             worker_pids = service.worker_pids()
+            # What the nodes cost with nothing published (a cluster's bus, heartbeats, canaries).
+            idle_from = {node: _cpu_seconds(pid) for node, pid in redis_pids.items()}
+            await asyncio.sleep(IDLE_SECONDS)
+            result.redis_idle_cpu = {
+                node: round((_cpu_seconds(pid) - idle_from[node]) / IDLE_SECONDS, 3) for node, pid in redis_pids.items()
+            }
             before = {node: _cpu_seconds(pid) for node, pid in redis_pids.items()}
             workers_before = sum(_cpu_seconds(pid) for pid in worker_pids)
             clients_before = sum(_cpu_seconds(pid) for pid in clients.pids())
@@ -183,9 +192,9 @@ async def _one(args: argparse.Namespace, broker: str) -> BrokerResult:
         result.p99_ms = round(_percentile(hist, total, 0.99), 1)
         result.redis_cpu = {node: round((after[node] - before[node]) / seconds, 3) for node in before}
         result.redis_cpu_total = round(sum(result.redis_cpu.values()), 3)
-        result.redis_us_per_publication = round(
-            sum(after[n] - before[n] for n in before) / max(1, result.published) * 1e6, 1
-        )
+        # Over what the nodes cost idle: the cost of the publications themselves.
+        marginal = sum(after[n] - before[n] - result.redis_idle_cpu[n] * seconds for n in before)
+        result.redis_us_per_publication = round(max(0.0, marginal) / max(1, result.published) * 1e6, 1)
         result.workers_cpu = round(workers_cpu / seconds, 3)
         result.clients_cpu = round(clients_cpu / seconds, 3)
         ours = sum(after[n] - before[n] for n in before) + workers_cpu + clients_cpu
@@ -245,7 +254,8 @@ def table(results: list[BrokerResult]) -> str:
         ("latency p50 / p99 ms", lambda r: f"{r.p50_ms} / {r.p99_ms}"),
         ("Redis CPU per node (cores)", lambda r: ", ".join(f"{n} {c}" for n, c in r.redis_cpu.items())),
         ("Redis CPU total (cores)", lambda r: f"{r.redis_cpu_total}"),
-        ("Redis CPU per publication", lambda r: f"{r.redis_us_per_publication} µs"),
+        ("Redis CPU idle, per node (cores)", lambda r: ", ".join(f"{c}" for c in r.redis_idle_cpu.values())),
+        ("Redis CPU per publication, over idle", lambda r: f"{r.redis_us_per_publication} µs"),
         ("workers / clients / others (cores)",
          lambda r: f"{r.workers_cpu} / {r.clients_cpu} / {r.other_processes_cores}"),
         ("publisher behind schedule", lambda r: f"{r.publisher_behind_s} s"),
