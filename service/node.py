@@ -202,6 +202,7 @@ class Node:
                 "reconnects": counters.reconnects,
                 "last_error": broker.last_error if not broker.connected else None,
                 "pool": broker.pool_usage(),
+                **({"nodes": broker.nodes()} if broker.cluster else {}),
             },
             "memory": self.memory.stats(),
             "settings": settings.public(),

@@ -5,7 +5,9 @@ Scenarios: ``idle`` (RSS per idle connection, memory given back after close), ``
 the clients stop reading while 2 KB frames flow), ``redis-restart`` (Redis down for 1 s mid-stream),
 ``publish-rate`` (publications per second through the publish function and through plain PUBLISH),
 ``recover`` (every worker restarted under a steady publisher: the clients reconnect with ``since``
-their last offset; frames lost, time to recover, history reads).
+their last offset; frames lost, time to recover, history reads). ``channels``, run alone: many
+channels with a few subscribers each, on one Redis and on a Redis Cluster (``REDIS_CLUSTER=1``)
+started side by side: deliveries/s and each redis-server's CPU (``scripts/load/channels.py``).
 
 wsbroadcast is published to through its Redis function ``wsb_publish`` (offsets and history, as
 apps publish), or with ``--publish-via publish`` by plain PUBLISH of ready frames (no offsets);
