@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from service import publisher
-from service.config import Settings
+from service.config import Settings, redact_url
 from service.counters import Counters
 from service.keys import Keys
 from service.publisher import Published
@@ -307,7 +307,7 @@ class Broker:
                 if self._on_reconnect is not None:
                     self._on_reconnect()
             else:
-                log.info("Redis pub/sub connected to %s", _redact(self._settings.redis_url))
+                log.info("Redis pub/sub connected to %s", redact_url(self._settings.redis_url))
             self.ever_connected = True
             self._ups += 1
         self.connected = True
@@ -401,10 +401,3 @@ class Broker:
             self.canary_ok = True
             self.canary_error = ""
 
-
-def _redact(url: str) -> str:
-    """A Redis URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
