@@ -10,6 +10,9 @@ from typing import Any
 
 from service.wire import CHANNEL_RULE, is_channel
 
+# prometheus-client's own variable: the directory of the workers' multiprocess files.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 
 class SettingsError(ValueError):
     """An invalid setting; its message is the one line shown at start-up."""
@@ -148,8 +151,13 @@ _public_key.__doc__ = (
 )
 
 
+def redact_url(url: str) -> str:
+    """A URL without its password (or whatever stands before ``@``), for logs and documents."""
+    return re.sub(r"://([^@/]*)@", "://***@", url)
+
+
 def _shown_url(raw: str) -> str:
-    return repr(re.sub(r"://([^@/]*)@", "://***@", raw))
+    return repr(redact_url(raw))
 
 
 def _shown_key(raw: str) -> str:

@@ -20,7 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from service import wire
 from service.gate import CLAIMS_SCOPE_KEY, Claims, TokenError
 from service.history import Position
-from service.outbound import Bounds, DirectOutbound, QueueOutbound, control_message
+from service.outbound import DIRECT_EXTENSION, Bounds, DirectOutbound, QueueOutbound, control_message
 from service.ratelog import RateLimitedLog
 from service.recovery import Recovered
 from service.tracker import Connection
@@ -32,7 +32,6 @@ log = logging.getLogger("wsbroadcast.endpoint")
 # Every client can subscribe while Redis is down: one line per interval, not one per subscribe.
 _rated = RateLimitedLog(log)
 
-DIRECT_EXTENSION = "wsbroadcast.direct"
 MAX_ERRORS = 10
 # How a send or receive fails once the client is gone or the connection is closed under us.
 _GONE = (OSError, RuntimeError, WebSocketDisconnect)

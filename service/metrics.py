@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.config import MULTIPROC_ENV
 from service.counters import Counters, series
 from service.outbound import Message
 
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("wsbroadcast.metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SYNC_INTERVAL = 1.0
 # From a single connection on an idle worker (~10 us) to a 5000-connection fan-out on a busy one.
 LATENCY_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,

@@ -23,6 +23,9 @@ from typing import ClassVar, Protocol
 from service import wire
 from service.counters import Counters
 
+# The scope extension through which our WebSocket protocol (workers.protocol) offers a DirectLink.
+DIRECT_EXTENSION = "wsbroadcast.direct"
+
 
 def ws_text_frame(payload: bytes) -> bytes:
     """An unmasked, unfragmented server-to-client WebSocket text frame (RFC 6455 section 5.2)."""

@@ -22,7 +22,7 @@ from redis.exceptions import AskError, MovedError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.config import Settings
+from service.config import Settings, redact_url
 
 log = logging.getLogger("wsbroadcast.topology")
 
@@ -71,7 +71,8 @@ class Topology:
         self._settings = settings
         self._client_name = client_name
         parts = urlsplit(settings.redis_url)
-        self._seed = f"{parts.hostname}:{parts.port or 6379}" if self.cluster else "redis"
+        # The one Redis is named by its URL (without a password: the name is logged).
+        self._seed = f"{parts.hostname}:{parts.port or 6379}" if self.cluster else redact_url(settings.redis_url)
         self._pools: dict[str, BlockingConnectionPool] = {}
         self._clients: dict[str, Redis] = {}
         # slot -> address of the master serving it ("" while none does)

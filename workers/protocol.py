@@ -40,9 +40,8 @@ from websockets.frames import Frame
 from websockets.http11 import Request
 
 from service import wire
+from service.outbound import DIRECT_EXTENSION as EXTENSION
 from workers.limits import DEFAULT_LIMITS, FrameBudget, Limits
-
-EXTENSION = "wsbroadcast.direct"
 
 log = logging.getLogger("wsbroadcast.protocol")
 
