@@ -56,7 +56,8 @@ class Broker:
         self._worker_id = worker_id
         self._on_message = on_message
         # Called when publications may have been missed: None for every channel (the one Redis's
-        # listener is back after a loss), else the channels concerned (a cluster node's).
+        # listener is back after a loss), else the channels concerned (a cluster node's; none when
+        # a new master's listener connects, whose function library may still need loading).
         self._on_reconnect = on_reconnect
         self.cluster = settings.redis_cluster
         self.topology = Topology(settings, f"wsbroadcast:{worker_id[0]}:{worker_id[1]}")
@@ -330,7 +331,11 @@ class Broker:
 
     def _up(self, listener: Listener, again: bool) -> None:
         self._ever_connected = True
-        if not again or self._on_reconnect is None:
+        if self._on_reconnect is None:
+            return
+        if not again:
+            if self.cluster:
+                self._on_reconnect([])  # a new master: nothing missed, but its library may be missing
             return
         if not self.cluster:
             self._on_reconnect(None)

@@ -54,6 +54,8 @@ class Listener:
         on_error: Callable[[Listener], None],
     ) -> None:
         self.node = node
+        # Log lines name the node on a cluster; on one Redis they read as they always did.
+        self._where = f" (node {node})" if sharded else ""
         self._pool = pool
         self._redis = redis
         self._sharded = sharded
@@ -290,8 +292,8 @@ class Listener:
                 self.counters.reconnects += 1
                 down = time.monotonic() - (self.down_since or time.monotonic())
                 log.warning(
-                    "Redis pub/sub connection to %s restored after %.2f s; resubscribed %d channels",
-                    self.node, down, len(self._wanted),
+                    "Redis pub/sub connection restored after %.2f s; resubscribed %d channels%s",
+                    down, len(self._wanted), self._where,
                 )
             else:
                 log.info("Redis pub/sub connected to %s", self.node)
@@ -301,14 +303,11 @@ class Listener:
             self._down_logged = False
             self.down_since = None
             self._on_up(self, again)
-        self.connected = True
-        self._down_logged = False
-        self.down_since = None
 
     def _mark_down(self, reason: str) -> None:
         if not self._down_logged:
             what = "lost" if self.ever_connected else "unavailable at start-up"
-            log.warning("Redis pub/sub connection to %s %s: %s; reconnecting with backoff", self.node, what, reason)
+            log.warning("Redis pub/sub connection %s: %s; reconnecting with backoff%s", what, reason, self._where)
             self._down_logged = True
         if self.connected or self.down_since is None:
             self.down_since = time.monotonic()
@@ -346,7 +345,7 @@ class Listener:
                     continue
                 self.counters.canary_misses += 1
                 if self.canary_ok:
-                    log.warning("canary missed: the pub/sub listener on %s is not delivering; restarting it", self.node)
+                    log.warning("canary missed: the pub/sub listener is not delivering; restarting it%s", self._where)
                 self.canary_ok = False
                 self.canary_error = f"canary not back within {2 * interval:g} s"
                 self._canary_pending = None
@@ -384,7 +383,7 @@ class Listener:
             return  # the listener saw the loss first; its reason says more than this one
         self.counters.canary_misses += 1
         if self.canary_ok:
-            log.warning("canary not accepted by Redis %s: %s; reporting degraded until one is back", self.node, reason)
+            log.warning("canary not accepted by Redis: %s; reporting degraded until one is back%s", reason, self._where)
         self.canary_ok = False
         self.canary_error = reason
 
@@ -393,6 +392,6 @@ class Listener:
             return
         self._canary_pending = None
         if not self.canary_ok:
-            log.warning("canary received again: the pub/sub listener on %s is delivering", self.node)
+            log.warning("canary received again: the pub/sub listener is delivering%s", self._where)
             self.canary_ok = True
             self.canary_error = ""
