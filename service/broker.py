@@ -65,22 +65,13 @@ class Broker:
         self._listeners: dict[str, Listener] = {}  # node address -> its listener
         self._route: dict[str, str] = {}  # Redis channel -> the node whose listener holds it
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._refresh_wanted = asyncio.Event()
+        self._refresh_now = asyncio.Event()
         self._topology_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.counters = Counters() if counters is None else counters
         self._ever_connected = False
         if not self.cluster:
             self._add_listener(self.topology.masters[0])
-
-    @property
-    def redis(self) -> Redis:
-        """The client of the one Redis (of the first master on a cluster: use ``run`` for keys)."""
-        return self.topology.redis(self.topology.masters[0])
-
-    @property
-    def pool(self) -> Any:
-        return self.topology.pool(self.topology.masters[0])
 
     def masters(self) -> list[Redis]:
         """A client per master (SCANs that must see every key)."""
@@ -309,9 +300,9 @@ class Broker:
             except Exception:
                 log.exception("reading the Redis Cluster slot map failed")
             self._sync_listeners()
-            self._refresh_wanted.clear()
+            self._refresh_now.clear()
             try:
-                await asyncio.wait_for(self._refresh_wanted.wait(), REFRESH_INTERVAL)
+                await asyncio.wait_for(self._refresh_now.wait(), REFRESH_INTERVAL)
             except TimeoutError:
                 pass
 
@@ -359,8 +350,8 @@ class Broker:
             listener.unwant(redis_channel)
             if redis_channel in self._wanted:
                 self._missed([redis_channel])
-        self._refresh_wanted.set()
+        self._refresh_now.set()
 
     def _error(self, listener: Listener) -> None:
         if self.cluster:
-            self._refresh_wanted.set()
+            self._refresh_now.set()

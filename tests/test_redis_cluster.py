@@ -223,6 +223,59 @@ async def test_a_slot_migration_keeps_delivering_without_a_hole(redis_cluster: P
                 await reader.close()
 
 
+async def test_a_shard_listener_killed_reconnects_alone_and_fills_its_holes(redis_cluster: PrivateCluster) -> None:
+    channels = CHANNELS[:12]
+    with cluster_service(redis_cluster) as service:
+        readers = await readers_on_both_workers(service, channels)
+        try:
+            owners = {c: owner_port(redis_cluster, service.prefix + c) for c in channels}
+            victim = max(set(owners.values()), key=lambda p: sum(1 for o in owners.values() if o == p))
+            published: dict[str, list[int]] = {c: [] for c in channels}
+            stop = asyncio.Event()
+
+            async def publish(http: httpx.AsyncClient, channel: str) -> None:
+                for n in range(1000):  # bounded: 20 s at most
+                    if stop.is_set():
+                        return
+                    response = await http.post("/publish", json={"channel": channel, "data": n},
+                                               headers={"Authorization": "Bearer test-token"})
+                    assert response.status_code == 202, response.text
+                    published[channel].append(n)
+                    await asyncio.sleep(0.02)
+
+            async with httpx.AsyncClient(base_url=service.base, timeout=10) as http:
+                tasks = [asyncio.create_task(publish(http, c)) for c in channels]
+
+                async def some() -> bool:
+                    return all(len(p) >= 10 for p in published.values())
+
+                await async_wait_until(some, 10, what="publications before the kill")
+                # Both workers' sharded listeners on one master lose their connections.
+                killed = ask(victim, "CLIENT", "KILL", "TYPE", "pubsub")
+                assert killed >= 2, killed
+                counts = {c: len(p) for c, p in published.items()}
+
+                async def more() -> bool:
+                    return all(len(p) >= counts[c] + 20 for c, p in published.items())
+
+                await async_wait_until(more, 15, what="publications after the kill")
+                stop.set()
+                await asyncio.gather(*tasks)
+
+            async def all_delivered() -> bool:
+                return all(reader.data(c) == published[c] for reader in readers for c in channels)
+
+            await async_wait_until(all_delivered, 15, what="every publication at every client")
+            for reader in readers:
+                for channel in channels:
+                    assert check_invariant(reader.frames[channel]) == 0
+            restored = [line for line in service.log().splitlines() if "restored after" in line]
+            assert len(restored) == 2 and all(f"(node 127.0.0.1:{victim})" in line for line in restored), restored
+        finally:
+            for reader in readers:
+                await reader.close()
+
+
 def migrate_slot(cluster: PrivateCluster, slot: int, source: int, target: int) -> None:
     """Move one slot with its keys, as ``redis-cli --cluster reshard`` does."""
     source_id, target_id = node_id(source), node_id(target)
