@@ -4,17 +4,24 @@ workers, connections bounded per node, a slot migration and a master's crash und
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import psutil
 from websockets.asyncio.client import ClientConnection
 
 from scripts.redis_cluster import PrivateCluster
+from scripts.redis_server import free_port
 from tests.cluster import (
     ask,
     classic_channels,
@@ -26,7 +33,7 @@ from tests.cluster import (
     shared_cluster,
     slot_of,
 )
-from tests.support import ROOT, Service, async_wait_until, recv_acks, worker_of
+from tests.support import ROOT, Service, async_wait_until, recv_acks, wait_until, worker_of
 
 __all__ = ["own_cluster", "shared_cluster"]  # the fixtures, used by name
 
@@ -39,8 +46,15 @@ def run_command(env: dict[str, str], module: str, *args: str) -> subprocess.Comp
                           timeout=30)
 
 
-def cluster_service(cluster: PrivateCluster, **settings: Any) -> Service:
-    return Service(cluster.url, workers=2, redis_cluster=1, redis_pool_size=POOL_SIZE, **settings)
+@contextlib.contextmanager
+def cluster_service(cluster: PrivateCluster, **settings: Any) -> Iterator[Service]:
+    """A service of 2 workers on the cluster, stopped by PID even when it never got ready."""
+    service = Service(cluster.url, workers=2, redis_cluster=1, redis_pool_size=POOL_SIZE, **settings)
+    try:
+        yield service.start()
+    finally:
+        service.stop()
+        service.log_path.unlink(missing_ok=True)
 
 
 class Reader:
@@ -387,3 +401,42 @@ async def test_a_master_killed_under_publishers_fails_over_with_nothing_lost_sil
         finally:
             for reader in readers:
                 await reader.close()
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_scripts_run_starts_a_private_cluster_and_stops_every_node(tmp_path: Path) -> None:
+    env = {**os.environ, "REDIS_CLUSTER": "1", "PORT": str(free_port()), "BIND_HOST": "127.0.0.1",
+           "TMPDIR": str(tmp_path)}
+    env.pop("REDIS_URL", None)
+    run = subprocess.Popen([sys.executable, "-m", "scripts.run"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert run.stdout is not None
+        banner = ""
+        for _ in range(200):  # bounded: the banner is a dozen lines
+            line = run.stdout.readline()
+            assert line, f"scripts/run exited with {run.wait(10)} before its banner"
+            banner += line
+            if "stop:" in banner:
+                break
+        assert "private Redis Cluster (3 masters, 3 replicas)" in banner, banner
+        assert "REDIS_CLUSTER=1 REDIS_URL=" in banner, banner
+        nodes = [p for p in psutil.Process(run.pid).children() if "redis-server" in p.name()]
+        assert len(nodes) == 6, nodes
+        health = httpx.get(f"http://127.0.0.1:{env['PORT']}/health/cluster", timeout=10)
+        assert health.json()["status"] == "ok", health.text
+        os.kill(run.pid, signal.SIGTERM)
+        assert run.wait(40) == 0
+        for node in nodes:
+            wait_until(functools.partial(_gone, node), 10, what=f"redis-server {node.pid} gone")
+        assert list(tmp_path.iterdir()) == []  # every node's directory removed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)  # what the code under test failed to stop
+        run.wait(10)
