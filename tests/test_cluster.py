@@ -23,9 +23,11 @@ from websockets.asyncio.client import ClientConnection
 
 from scripts.redis_server import PrivateRedis, free_port
 from service import health
-from tests.support import ROOT, Service, subscribe_client, wait_until, worker_of
+from tests.support.clients import subscribe_client, worker_of
+from tests.support.servers import ROOT, Service
+from tests.support.waits import wait_until
 
-INTERVAL = 0.5  # HEARTBEAT_INTERVAL that tests.support.Service sets
+INTERVAL = 0.5  # HEARTBEAT_INTERVAL that tests.support.servers.Service sets
 
 
 def run_health(redis_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,7 @@ import re
 from dataclasses import fields
 
 from service.config import Settings
-from tests.support import ROOT
+from tests.support.servers import ROOT
 
 # Read by a library straight from the environment, documented beside our settings.
 NOT_SETTINGS = {"PROMETHEUS_MULTIPROC_DIR"}

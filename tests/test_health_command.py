@@ -15,7 +15,9 @@ from redis.asyncio import Redis
 from scripts.health import format_report, redis_source
 from scripts.redis_server import PrivateRedis, free_port
 from service.config import Settings
-from tests.support import ROOT, Service, subscribe_client, wait_until
+from tests.support.clients import subscribe_client
+from tests.support.servers import ROOT, Service
+from tests.support.waits import wait_until
 
 
 def _health(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,9 @@ import redis
 from scripts.redis_server import PrivateRedis
 from service import health
 from service.keys import Keys
-from tests.support import ADMIN_TOKEN, ROOT, Service, async_wait_until, subscribe_client, wait_until
+from tests.support.clients import subscribe_client
+from tests.support.servers import ADMIN_TOKEN, ROOT, Service
+from tests.support.waits import async_wait_until, wait_until
 
 CANARY = 1.0  # CANARY_INTERVAL of the stall test
 POOL_SOCKET_TIMEOUT = 5.0  # the broker pool's socket_timeout

@@ -9,7 +9,7 @@ import orjson
 
 from service import hub as hub_module
 from service.hub import Hub
-from tests.support import Recorder
+from tests.support.recorder import Recorder
 
 
 def _frame(offset: int, epoch: str = "E", channel: str = "c") -> bytes:

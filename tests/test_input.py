@@ -21,7 +21,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from scripts.redis_server import PrivateRedis
 from service import codec
-from tests.support import Service, recv_ack, recv_json, recv_publication, subscribe_client, wait_until
+from tests.support.clients import recv_ack, recv_json, recv_publication, subscribe_client
+from tests.support.servers import Service
+from tests.support.waits import wait_until
 
 MAX_BYTES = 4096
 

@@ -25,7 +25,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from scripts.redis_server import PrivateRedis
 from service.config import Settings, SettingsError
 from service.gate import TokenError, Verifier, verify_claims
-from tests.support import ROOT, Service, recv_ack, recv_json, recv_publication, wait_until
+from tests.support.clients import recv_ack, recv_json, recv_publication
+from tests.support.servers import ROOT, Service
+from tests.support.waits import wait_until
 
 SECRET = "jwt-connect-secret-0123456789abcdef"  # 35 bytes: at least HMAC-SHA256's 32
 

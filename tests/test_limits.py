@@ -17,16 +17,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from scripts.redis_server import PrivateRedis
 from scripts.run import procfile_web
-from tests.support import (
-    ROOT,
-    Service,
-    async_wait_until,
-    recv_ack,
-    recv_json,
-    recv_publication,
-    subscribe_client,
-    wait_until,
-)
+from tests.support.clients import recv_ack, recv_json, recv_publication, subscribe_client
+from tests.support.servers import ROOT, Service
+from tests.support.waits import async_wait_until, wait_until
 
 
 def _current(service: Service) -> int:

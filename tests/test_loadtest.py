@@ -14,7 +14,7 @@ import redis
 from scripts.redis_server import PrivateRedis
 from scripts.service_process import ServiceError, procfile_web
 from service.keys import Keys
-from tests.support import ROOT, Service
+from tests.support.servers import ROOT, Service
 
 SMALL = ["--rates", "20", "--duration", "1", "--clients", "1", "--settle", "0.2", "--connect-rate", "500"]
 

@@ -17,33 +17,12 @@ from pathlib import Path
 
 import orjson
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.redis_server import PrivateRedis
-from tests.support import Service, check_ack, clients_on_both_workers, recv_json, wait_until, worker_of
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(service: Service) -> Samples:
-    """Every sample of one /metrics answer, keyed by (name, sorted labels)."""
-    response = service.get("/metrics")
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain; version=")
-    out: Samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def per_worker(samples: Samples, name: str) -> dict[str, float]:
-    """A liveall gauge's series: pid -> value."""
-    return {dict(labels)["pid"]: value for (n, labels), value in samples.items() if n == name}
+from tests.support.clients import check_ack, clients_on_both_workers, recv_json, worker_of
+from tests.support.metrics import per_worker, scrape, total
+from tests.support.servers import Service
+from tests.support.waits import wait_until
 
 
 def _heartbeat_sum(service: Service, counter: str) -> int:

@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 from scripts.redis_server import PrivateRedis
-from tests.support import ROOT, Service, recv_publication, subscribe_client
+from tests.support.clients import recv_publication, subscribe_client
+from tests.support.servers import ROOT, Service
 
 
 def _publish(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

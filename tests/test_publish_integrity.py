@@ -24,7 +24,9 @@ from websockets.asyncio.client import ClientConnection
 from scripts.redis_server import PrivateRedis
 from service.publication import MAX_DEPTH, InvalidPublication, split_body
 from service.publisher import IdempotencyConflict, Refused, Unknown, publish, publish_sync
-from tests.support import ROOT, Service, recv_publication, subscribe_client, wait_until
+from tests.support.clients import recv_publication, subscribe_client
+from tests.support.servers import ROOT, Service
+from tests.support.waits import wait_until
 
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer test-token"}
 

@@ -32,7 +32,9 @@ from service.keys import Keys
 from service.outbound import Message
 from service.publisher import PublishError, publish
 from service.recovery import Recovery
-from tests.support import Service, async_wait_until, wait_until
+from tests.support.metrics import scrape, summed
+from tests.support.servers import Service
+from tests.support.waits import async_wait_until, wait_until
 
 CHANNEL = "feed"
 
@@ -273,12 +275,7 @@ async def _publish(service: Service, count: int, channel: str = CHANNEL) -> list
 
 def _metric(service: Service, name: str) -> float:
     """A counter of /metrics summed over its labels (the host's workers)."""
-    text = service.get("/metrics").text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and line[len(name)] in " {":
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return summed(scrape(service), name)
 
 
 # --- 1, 2, 3: a client that reconnects with since ----------------------------------------------------

@@ -19,7 +19,8 @@ import psutil
 
 from scripts.redis_server import PrivateRedis, free_port
 from scripts.service_process import ServiceProcess, web_env
-from tests.support import ROOT, wait_until
+from tests.support.servers import ROOT
+from tests.support.waits import wait_until
 
 
 def _run_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:

@@ -20,7 +20,9 @@ from scripts.redis_server import PrivateRedis
 from service.app import create_app
 from service.config import Settings
 from service.gate import TokenError, mint_token, verify_token
-from tests.support import ROOT, Service, recv_ack, recv_json, recv_publication, wait_until
+from tests.support.clients import recv_ack, recv_json, recv_publication
+from tests.support.servers import ROOT, Service
+from tests.support.waits import wait_until
 
 SECRET = "connect-secret-5f1c9a"
 ORIGIN = "https://app.example"

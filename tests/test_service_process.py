@@ -14,7 +14,7 @@ import redis
 
 from scripts.redis_server import PrivateRedis, free_port
 from scripts.service_process import ServiceProcess, web_env
-from tests.support import wait_until
+from tests.support.waits import wait_until
 
 
 def _service(tmp_path: Path, redis_url: str, prefix: str) -> ServiceProcess:

@@ -11,7 +11,7 @@ from websockets.streams import StreamReader
 from service.config import Settings, SettingsError
 from service.outbound import Bounds, Message, QueueOutbound, ws_text_frame
 from service.tracker import Counters, Tracker
-from tests.support import Recorder
+from tests.support.recorder import Recorder
 
 
 def test_defaults_match_the_design() -> None:
