@@ -11,11 +11,10 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
 import pytest
@@ -29,11 +28,12 @@ from service.config import Settings
 from service.history import History, Position, publish_call
 from service.hub import Hub
 from service.keys import Keys
-from service.outbound import Message
 from service.publisher import PublishError, publish
 from service.recovery import Recovery
 from tests.support.metrics import scrape, summed
+from tests.support.recorder import Recorder
 from tests.support.servers import Service
+from tests.support.stalled import stalling_connection
 from tests.support.waits import async_wait_until, wait_until
 
 CHANNEL = "feed"
@@ -132,9 +132,11 @@ class Client:
         self.reading = asyncio.Event()  # cleared: the client stops reading (a slow consumer)
         self.reading.set()
 
-    async def connect(self, **kwargs: Any) -> Client:
-        """Connect with no channel (subscribes go as ops, each with its position when it has one)."""
-        self.ws = await self.service.connect("?channels=", **kwargs)
+    async def connect(self, stalling: bool = False) -> Client:
+        """Connect with no channel (subscribes go as ops, each with its position when it has one);
+        ``stalling``: a connection that stops reading from its socket while ``reading`` is clear."""
+        query = "?channels="
+        self.ws = await (stalling_connection(self.service, query) if stalling else self.service.connect(query))
         assert self.ws.response is not None
         self.worker = self.ws.response.headers["x-wsbroadcast-worker"]
         self.reader = asyncio.create_task(self._read(self.ws))
@@ -499,16 +501,13 @@ async def _true(value: bool) -> bool:
 # --- 7: drop-oldest announces what it dropped -------------------------------------------------------
 
 
-async def _stalled_client(service: Service, clients: list[Client]) -> Client:
-    """A subscribed client that stops reading: a tiny kernel receive buffer (autotuning off) and
-    websockets' own queue of one frame, so that the server's queue for it fills at once."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", service.port))
-    slow = await Client(service, "slow").connect(max_queue=1, sock=sock)
+async def _stalled_client(service: Service, clients: list[Client], channel: str = CHANNEL) -> Client:
+    """A client subscribed to ``channel`` that then stops reading (tests.support.stalled), so that
+    the server's queue for it fills at once."""
+    slow = await Client(service, "slow").connect(stalling=True)
     clients.append(slow)
-    await slow.subscribe()
-    await _all([slow], lambda c: c.acked(), "the slow client's ack")
+    await slow.subscribe(channel)
+    await _all([slow], lambda c: c.acked(channel), f"the slow client's ack of {channel}")
     slow.reading.clear()
     return slow
 
@@ -652,14 +651,7 @@ async def test_drop_oldest_never_drops_an_ack_queued_behind_a_backlog(
     with Service(
         redis_server.url, workers=2, slow_consumer_policy="drop-oldest", queue_size=8, send_buffer_bytes=4096
     ) as service:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", service.port))
-        slow = await Client(service, "slow").connect(max_queue=1, sock=sock)
-        clients.append(slow)
-        await slow.subscribe("other")
-        await _all([slow], lambda c: c.acked("other"), "the ack of other")
-        slow.reading.clear()
+        slow = await _stalled_client(service, clients, "other")
         other = Publisher(redis_server.url, service, rate=1000, channel="other", pad=8000)
         feed = Publisher(redis_server.url, service, rate=1000, pad=8000)
         try:
@@ -756,7 +748,7 @@ async def test_a_recovery_whose_read_is_overtaken_by_a_live_publication_still_re
     hub = Hub(lambda c: None, lambda c: None)
     recovery = Recovery(History(client, keys, settings), hub)
     try:
-        hub.add("c", _Sink())
+        hub.add("c", Recorder())
         _, epoch = await recovery.position("c")
         for n in range(5):
             done = await publish(client, "c", orjson.dumps({"n": n}), settings=settings)
@@ -776,18 +768,3 @@ async def test_a_recovery_whose_read_is_overtaken_by_a_live_publication_still_re
     finally:
         await recovery.stop()
         await client.aclose()
-
-
-class _Sink:
-    """A listener that only counts (the hub needs one for the channel to exist)."""
-
-    direct: ClassVar[bool] = False
-
-    def __init__(self) -> None:
-        self.offered = 0
-
-    def offer(self, message: Message) -> None:
-        self.offered += 1
-
-    def depth(self) -> tuple[int, int]:
-        return 0, 0

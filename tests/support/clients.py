@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from tests.support.servers import Service
 
@@ -64,3 +66,33 @@ async def clients_on_both_workers(service: Service, channels: str, minimum: int 
         if len(clients) >= minimum and len({worker_of(ws) for ws in clients}) == 2:
             return clients
     raise AssertionError("200 clients all landed on one worker")
+
+
+class BackgroundReader:
+    """Reads one client in a task of its own, stamping every frame as it arrives; keeps its close code."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[tuple[float, Any]] = []
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for raw in self.ws:
+                self.frames.append((time.monotonic(), orjson.loads(raw)))
+        except ConnectionClosed:
+            pass
+
+    def first_probe_after(self, since: float) -> float | None:
+        for stamp, frame in self.frames:
+            if stamp >= since and isinstance(frame.get("data"), dict) and "probe" in frame["data"]:
+                return stamp
+        return None
+
+    @property
+    def closed(self) -> bool:
+        return self.task.done()
+
+    async def stop(self) -> None:
+        await self.ws.close()
+        await self.task
