@@ -9,8 +9,8 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
+from service.counters import Counters
 from service.outbound import Bounds, DirectOutbound, Message, QueueOutbound, ws_text_frame
-from service.tracker import Counters
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])

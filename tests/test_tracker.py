@@ -8,8 +8,8 @@ from service.tracker import Tracker
 def test_idle_rule_counts_publications_on_the_clients_channels() -> None:
     last = {"busy": 100.0}
     tracker = Tracker(10, idle_timeout=10, last_publish=lambda c: last.get(c, 0.0))
-    quiet = tracker.admit(lambda code, reason: True)
-    listener = tracker.admit(lambda code, reason: True)
+    quiet = tracker.admit(lambda why: True)
+    listener = tracker.admit(lambda why: True)
     quiet.last_received = listener.last_received = 50.0
     listener.channels.add("busy")
     assert tracker.idle_connections(now=105.0) == [quiet]
