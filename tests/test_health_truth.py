@@ -17,7 +17,6 @@ import redis
 
 from scripts.redis_server import PrivateRedis
 from service import health
-from service.keys import Keys
 from tests.support.clients import subscribe_client
 from tests.support.servers import ADMIN_TOKEN, ROOT, Service
 from tests.support.waits import async_wait_until, wait_until
@@ -98,61 +97,6 @@ async def test_stalled_redis_turns_every_worker_degraded_and_back(own_redis: Pri
 
 
 # --- foreign heartbeat keys ----------------------------------------------------------------------
-
-
-def test_check_heartbeat_names_what_is_wrong() -> None:
-    keys = Keys("p:")
-    good: dict[str, Any] = {
-        "status": "ok",
-        "reasons": [],
-        "worker": {"host": "h", "pid": 7, "id": "h:7"},
-        "ts": 1.5,
-        "heartbeat_interval": 5.0,
-        "connections": {"current": 1, "peak": 2, "limit": 10, "effective_limit": 10},
-        "subscriptions": {"news": 1},
-        "memory": {"rss_bytes": 100, "pressure": False, "limit_bytes": 0, "usage": 0.0},
-    }
-    key = keys.worker("h", 7)
-    assert health.check_heartbeat(key, orjson.dumps(good), keys) == good
-
-    def broken(path: str, value: Any) -> bytes:
-        doc = orjson.loads(orjson.dumps(good))
-        *parents, last = path.split(".")
-        target = doc
-        for part in parents:
-            target = target[part]
-        if value is KeyError:
-            del target[last]
-        else:
-            target[last] = value
-        return orjson.dumps(doc)
-
-    cases = {
-        b"{}": "missing worker.id",
-        b"[]": "an array, not a heartbeat object",
-        b"42": "a number, not a heartbeat object",
-        b'"x"': "a string, not a heartbeat object",
-        b"null": "null, not a heartbeat object",
-        b"not json": "not JSON",
-        broken("connections", KeyError): "missing connections.current",
-        broken("connections.current", "3"): "connections.current is a string, expected an integer",
-        broken("connections.current", True): "connections.current is a boolean, expected an integer",
-        broken("connections.current", -1): "connections.current is negative",
-        broken("memory.rss_bytes", 1.5): "memory.rss_bytes is a number, expected an integer",
-        broken("ts", None): "ts is null, expected a number",
-        broken("subscriptions", []): "subscriptions is an array, expected an object",
-        broken("subscriptions", {"a": "1"}): "a subscription count is a string, expected an integer",
-        broken("status", "great"): "status 'great' is not one of ok, degraded, failing",
-        broken("reasons", [1]): "reasons holds a non-string",
-        broken("heartbeat_interval", 0): "heartbeat_interval is not positive",
-        broken("connections.effective_limit", "x"): "connections.effective_limit is a string, expected an integer",
-        broken("worker.pid", 8): "worker.host and worker.pid do not match the key",
-    }
-    for raw, why in cases.items():
-        assert health.check_heartbeat(key, raw, keys) == why, raw
-    # A heartbeat of an older worker without the optional fields is still read.
-    older = broken("connections.effective_limit", KeyError)
-    assert isinstance(health.check_heartbeat(key, older, keys), dict)
 
 
 FOREIGN: dict[str, bytes] = {
