@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 
 import orjson
 import pytest
@@ -16,16 +15,14 @@ from scripts.health import format_report, redis_source
 from scripts.redis_server import PrivateRedis, free_port
 from service.config import Settings
 from tests.support.clients import subscribe_client
-from tests.support.servers import ROOT, Service
+from tests.support.commands import command
+from tests.support.servers import Service
 from tests.support.waits import wait_until
 
 
 def _health(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDIS_PREFIX")}
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.health", *args], cwd=ROOT, env={**environ, **env},
-        capture_output=True, text=True, timeout=60,
-    )
+    return command("health", *args, env={**environ, **env})
 
 
 def test_the_redis_is_named_as_the_client_connects_to_it(monkeypatch: pytest.MonkeyPatch) -> None:

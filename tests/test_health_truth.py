@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -18,7 +16,8 @@ import redis
 from scripts.redis_server import PrivateRedis
 from service import health
 from tests.support.clients import subscribe_client
-from tests.support.servers import ADMIN_TOKEN, ROOT, Service
+from tests.support.commands import run_health
+from tests.support.servers import ADMIN_TOKEN, Service
 from tests.support.waits import async_wait_until, wait_until
 
 CANARY = 1.0  # CANARY_INTERVAL of the stall test
@@ -108,13 +107,6 @@ FOREIGN: dict[str, bytes] = {
 }
 
 
-def _run_health(redis_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "REDIS_URL": redis_url, "REDIS_PREFIX": prefix}
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.health", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-
-
 async def test_foreign_heartbeat_keys_are_listed_and_the_real_figures_stay_right(redis_server: PrivateRedis) -> None:
     with Service(redis_server.url, workers=2) as service:
         ws = await subscribe_client(service, "kept")
@@ -161,12 +153,12 @@ async def test_foreign_heartbeat_keys_are_listed_and_the_real_figures_stay_right
             public = (await asyncio.to_thread(service.get, "/health/cluster", False)).json()
             assert public["totals"]["invalid_heartbeats"] == invalid_count and "invalid" not in public
 
-            text = await asyncio.to_thread(_run_health, redis_server.url, service.prefix)
+            text = await asyncio.to_thread(run_health, redis_server.url, service.prefix)
             assert text.returncode == 1, text.stdout + text.stderr
             assert text.stderr == "" and "Traceback" not in text.stdout
             assert "status: degraded" in text.stdout and "invalid heartbeat: " in text.stdout
             assert "workers 2 on 1 host" in text.stdout
-            as_json = await asyncio.to_thread(_run_health, redis_server.url, service.prefix, "--json")
+            as_json = await asyncio.to_thread(run_health, redis_server.url, service.prefix, "--json")
             assert as_json.returncode == 1 and as_json.stderr == "", as_json.stderr
             report = orjson.loads(as_json.stdout)
             assert report["totals"]["invalid_heartbeats"] == invalid_count and report["totals"]["workers"] == 2
@@ -182,12 +174,12 @@ def test_only_foreign_keys_is_failing_without_a_traceback(redis_server: PrivateR
     try:
         for name, raw in FOREIGN.items():
             client.set(f"{prefix}worker:{name}", raw, ex=600)
-        done = _run_health(redis_server.url, prefix)
+        done = run_health(redis_server.url, prefix)
         assert done.returncode == 2, done.stdout + done.stderr
         assert "Traceback" not in done.stdout + done.stderr
         assert "status: failing: no live workers; 5 invalid heartbeat keys" in done.stdout
         assert done.stderr.startswith("health: failing: no live workers; 5 invalid") and done.stderr.count("\n") == 1
-        as_json = _run_health(redis_server.url, prefix, "--json")
+        as_json = run_health(redis_server.url, prefix, "--json")
         assert as_json.returncode == 2 and orjson.loads(as_json.stdout)["totals"]["invalid_heartbeats"] == 5
     finally:
         client.delete(*(f"{prefix}worker:{name}" for name in FOREIGN))
@@ -247,7 +239,7 @@ async def test_without_admin_token_there_is_no_detail_over_http(redis_server: Pr
                 assert "ADMIN_TOKEN is unset" in refused.json()["error"]
         # The coordinator reads Redis directly: the full figures stay available to operators there.
         await asyncio.to_thread(
-            wait_until, lambda: SECRET_CHANNEL in _run_health(redis_server.url, service.prefix).stdout, 30, 0.2,
+            wait_until, lambda: SECRET_CHANNEL in run_health(redis_server.url, service.prefix).stdout, 30, 0.2,
             "scripts/health to list the channel",
         )
         await ws.close()
