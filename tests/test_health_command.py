@@ -47,10 +47,7 @@ def test_the_redis_is_named_as_the_client_connects_to_it(monkeypatch: pytest.Mon
 async def test_the_table_and_json_name_the_redis_they_read(redis_server: PrivateRedis) -> None:
     with Service(redis_server.url, workers=1) as service:
         ws = await subscribe_client(service, "named")
-        await asyncio.to_thread(
-            wait_until, lambda: sum(b["connections"]["current"] for b in service.heartbeats()) == 1, 20, 0.1,
-            "the connection in a heartbeat",
-        )
+        await asyncio.to_thread(wait_until, lambda: service.connections() == 1, 20, 0.1, "the connection counted")
         expected = f"redis://127.0.0.1:{redis_server.port}/0"
         table = await asyncio.to_thread(_health, REDIS_URL=redis_server.url, REDIS_PREFIX=service.prefix)
         assert table.returncode == 0, table.stderr

@@ -18,10 +18,6 @@ from tests.support.servers import ROOT, Service
 from tests.support.waits import async_wait_until, wait_until
 
 
-def _current(service: Service) -> int:
-    return sum(b["connections"]["current"] for b in service.heartbeats())
-
-
 async def test_fourth_handshake_is_refused_with_503(redis_server: PrivateRedis) -> None:
     with Service(redis_server.url, workers=1, max_connections=3) as service:
         clients = [await subscribe_client(service, "a") for _ in range(3)]
@@ -49,12 +45,12 @@ async def test_fourth_handshake_is_refused_with_503(redis_server: PrivateRedis) 
 async def test_idle_clients_are_closed_with_4000(redis_server: PrivateRedis) -> None:
     with Service(redis_server.url, workers=2, idle_timeout=1, cleanup_interval=0.3) as service:
         clients = [await subscribe_client(service, "quiet") for _ in range(4)]
-        wait_until(lambda: _current(service) == 4, what="4 connections in the heartbeats")
+        wait_until(lambda: service.connections() == 4, what="4 connections in the heartbeats")
         for ws in clients:
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), 10)
             assert ws.close_code == 4000
-        wait_until(lambda: _current(service) == 0, what="the count to return to 0")
+        wait_until(lambda: service.connections() == 0, what="the count to return to 0")
         wait_until(lambda: "closed" in service.log() and "idle connections" in service.log(), what="log line")
         assert sum(b["counters"]["idle_closed"] for b in service.heartbeats()) == 4
 

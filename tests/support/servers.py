@@ -77,6 +77,10 @@ class Service:
     def heartbeats(self) -> list[dict[str, Any]]:
         return self._service.heartbeats() if self._service is not None else []
 
+    def connections(self) -> int:
+        """The connections every worker holds, as their latest heartbeats say."""
+        return sum(beat["connections"]["current"] for beat in self.heartbeats())
+
     def worker_pids(self) -> set[int]:
         return self._service.worker_pids() if self._service is not None else set()
 

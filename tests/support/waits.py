@@ -7,6 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psutil
+
 
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
     """Poll ``condition`` until it returns something truthy; fail with ``what`` after ``timeout``."""
@@ -31,3 +33,11 @@ async def async_wait_until(
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what} (last: {last!r})")
+
+
+def process_gone(proc: psutil.Process) -> bool:
+    """``proc`` has exited: reaped, or a zombie its parent has not reaped yet."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
