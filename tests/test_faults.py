@@ -1,5 +1,6 @@
 """Faults: Redis restarts and kills, a deaf listener, start-up without Redis, deploys, crashes and
-connection storms (slow clients: test_slow_consumers.py), each against real gunicorn workers, Redis and clients.
+connection storms, each against real gunicorn workers, Redis and clients (slow clients:
+test_slow_consumers.py).
 
 The deaf listener is made deaf for real with ``FreezingProxy``: a TCP proxy between the workers
 and Redis that, once told to, stops forwarding Redis's bytes to every connection that has sent
