@@ -24,7 +24,7 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -80,7 +80,7 @@ def _join(netns: str, hostname: str) -> None:
     socket.sethostname(hostname)
 
 
-def unused_subnet(candidates: Iterable[str] | None = None) -> ipaddress.IPv4Network:
+def unused_subnet() -> ipaddress.IPv4Network:
     """The first /24 of 10.213.0.0/16 that the machine's namespace neither addresses nor routes.
 
     Our LAN is private to its namespaces and could not collide anyway; a subnet the machine does
@@ -91,8 +91,8 @@ def unused_subnet(candidates: Iterable[str] | None = None) -> ipaddress.IPv4Netw
         for word in line.split():
             with contextlib.suppress(ValueError):
                 used.append(ipaddress.ip_network(word, strict=False))
-    for text in candidates or (f"10.213.{n}.0/24" for n in range(256)):
-        subnet = ipaddress.IPv4Network(text)
+    for n in range(256):
+        subnet = ipaddress.IPv4Network(f"10.213.{n}.0/24")
         if not any(subnet.overlaps(net) for net in used if isinstance(net, ipaddress.IPv4Network)):
             return subnet
     raise NamespacesUnavailable("every /24 of 10.213.0.0/16 is in use on this machine")
@@ -155,8 +155,7 @@ class Host:
 class Lan:
     """Hosts named ``names`` on one bridge, addressed .1, .2, ... in ``subnet``; removed by ``remove``.
 
-    Use as a context manager: whatever ``__enter__`` made is removed on the way out, even when
-    making the rest failed.
+    ``create`` removes what it made when making the rest fails.
     """
 
     def __init__(self, names: Sequence[str], subnet: ipaddress.IPv4Network | None = None) -> None:
@@ -171,6 +170,13 @@ class Lan:
         return self.hosts[name]
 
     def create(self) -> Lan:
+        try:
+            return self._create()
+        except BaseException:
+            self.remove()
+            raise
+
+    def _create(self) -> Lan:
         require_namespaces()
         remove_stale()
         subnet = self.subnet or unused_subnet()
@@ -221,13 +227,3 @@ class Lan:
                 failures.append(str(exc))
         if failures:
             raise RuntimeError("; ".join(failures))
-
-    def __enter__(self) -> Lan:
-        try:
-            return self.create()
-        except BaseException:
-            self.remove()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()

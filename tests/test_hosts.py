@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from scripts.redis_server import PrivateRedis, free_port
 from scripts.service_process import ServiceProcess, web_env
-from tests.netns import Host, Lan, NamespacesUnavailable, require_namespaces
+from tests.netns import Host, Lan, NamespacesUnavailable
 from tests.support import async_wait_until
 from tests.test_recovery_e2e import View
 
@@ -67,16 +67,19 @@ class Instance:
 
 @pytest.fixture
 def lan() -> Iterator[Lan]:
-    # Never a skip: where hosts cannot be made, the test fails with the reason in one line.
+    made = Lan(["a", "b", "c"])
     unavailable = None
     try:
-        require_namespaces()
+        made.create()
     except NamespacesUnavailable as exc:
         unavailable = str(exc)
+    # Never a skip: where hosts cannot be made, the test fails with the reason in one line.
     if unavailable is not None:
         pytest.fail(f"test hosts need network namespaces: {unavailable}", pytrace=False)
-    with Lan(["a", "b", "c"]) as made:
+    try:
         yield made
+    finally:
+        made.remove()
 
 
 @pytest.fixture
