@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,12 +159,13 @@ class Client:
             await self.reader
 
 
-async def clients_on_both_workers(instance: Instance, name: str) -> list[Client]:
-    """Subscribed clients of ``instance``, at least CLIENTS_PER_HOST, until both its workers hold some."""
-    clients: list[Client] = []
+async def clients_on_both_workers(instance: Instance, name: str, clients: list[Client]) -> list[Client]:
+    """Subscribed clients of ``instance`` into ``clients`` (the caller closes them whatever happens),
+    at least CLIENTS_PER_HOST, until both its workers hold some."""
     for n in range(40):
-        client = await Client(instance, f"{name}{n}").connect()
+        client = Client(instance, f"{name}{n}")
         clients.append(client)
+        await client.connect()
         await async_wait_until(client.subscribed, 10, what=f"{client.view.name} subscribed")
         if len(clients) >= CLIENTS_PER_HOST and len({c.worker for c in clients}) == 2:
             return clients
@@ -276,12 +278,15 @@ async def test_a_host_cut_off_turns_degraded_drops_out_and_rejoins_with_no_silen
     async def report() -> dict[str, Any]:
         return await on_b.run(coordinator, broker.url)
 
-    clients = {name: await clients_on_both_workers(instances[name], name) for name in ("a", "b")}
-    everyone = clients["a"] + clients["b"]
+    clients: dict[str, list[Client]] = {"a": [], "b": []}
     publisher = Publisher(b)
-    publishing = on_b.submit(publisher.run)
-    started = time.monotonic()
+    publishing: Future[None] | None = None
     try:
+        for name, mine in clients.items():
+            await clients_on_both_workers(instances[name], name, mine)
+        everyone = clients["a"] + clients["b"]
+        publishing = on_b.submit(publisher.run)
+        started = time.monotonic()
         # Both hosts deliver every publication.
         await async_wait_until(lambda: publisher.reached(10), 20, what="10 publications")
         await everyone_at(everyone, publisher.top(), 10, "the clients of both hosts")
@@ -344,9 +349,10 @@ async def test_a_host_cut_off_turns_degraded_drops_out_and_rejoins_with_no_silen
         a_health = await a.host.run(worker_health, a)
     finally:
         publisher.stopping.set()
-        publishing.result(30)
-        for client in everyone:
+        for client in clients["a"] + clients["b"]:
             await client.close()
+        if publishing is not None:
+            publishing.result(30)
 
     assert not publisher.failures, publisher.failures[:5]
     violations = [v for c in everyone for v in c.view.violations]
