@@ -213,6 +213,10 @@ class Lan:
     def heal(self, name: str) -> None:
         _ip("-n", self.switch, "link", "set", self.hosts[name].switch_port, "up")
 
+    def listed(self) -> list[str]:
+        """This LAN's namespaces that the system still lists."""
+        return [line.split()[0] for line in _ip("netns", "list").splitlines() if line.startswith(f"{self.tag}-")]
+
     def remove(self) -> None:
         """Stop the hosts' threads and delete every namespace made (their links go with them)."""
         hosts, self.hosts = list(self.hosts.values()), {}

@@ -81,6 +81,7 @@ def lan() -> Iterator[Lan]:
         yield made
     finally:
         made.remove()
+    assert made.listed() == [], "namespaces left behind"
 
 
 @pytest.fixture
