@@ -33,7 +33,7 @@ T = TypeVar("T")
 PREFIX = "wsbhost-"  # every namespace of ours; the creator's PID follows
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWNET = 0x40000000
-IP_TIMEOUT = 10.0  # one ip command; they answer in milliseconds
+IP_TIMEOUT = 10.0  # for one ip command, which never waits on the network
 THREADS_PER_HOST = 4  # a long task (a publisher) must leave a host room for calls
 
 _libc = ctypes.CDLL(None, use_errno=True)
