@@ -11,7 +11,7 @@ from scripts.redis_server import PrivateRedis
 from service.broker import Broker
 from service.config import Settings
 from service.keys import Keys
-from tests.support import async_wait_until
+from tests.support.waits import async_wait_until
 
 
 async def _broker(url: str, received: list[tuple[str, bytes]], replies: list[bytes] | None = None) -> Broker:

@@ -20,8 +20,9 @@ from scripts.redis_server import PrivateRedis
 from service.config import Settings
 from service.memory import DEFAULT_PER_CONNECTION, MEASURE_FROM, MemoryMonitor, cgroup_limit, detect_limit
 from service.tracker import Tracker
-from tests.support import Service, wait_until
-from tests.test_metrics import scrape
+from tests.support.metrics import scrape
+from tests.support.servers import Service
+from tests.support.waits import wait_until
 
 MiB = 1024 * 1024
 V1_UNLIMITED = "9223372036854771712\n"
