@@ -33,17 +33,16 @@ from tests.cluster import (
     shared_cluster,
     slot_of,
 )
-from tests.support import ROOT, Service, async_wait_until, recv_acks, wait_until, worker_of
+from tests.support.clients import BackgroundReader, recv_acks, worker_of
+from tests.support.commands import command
+from tests.support.servers import ROOT, Service
+from tests.support.view import View
+from tests.support.waits import async_wait_until, process_gone, wait_until
 
 __all__ = ["own_cluster", "shared_cluster"]  # the fixtures, used by name
 
 POOL_SIZE = 3
 CHANNELS = [f"ch{n}" for n in range(48)]
-
-
-def run_command(env: dict[str, str], module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=30)
 
 
 @contextlib.contextmanager
@@ -58,25 +57,32 @@ def cluster_service(cluster: PrivateCluster, **settings: Any) -> Iterator[Servic
 
 
 class Reader:
-    """A WebSocket client's frames per channel, read as they come."""
+    """A client subscribed at connect, read in the background; its frames checked with ``View``."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection, acks: dict[str, dict[str, Any]]) -> None:
         self.ws = ws
-        self.frames: dict[str, list[dict[str, Any]]] = {}
-        self.task = asyncio.create_task(self._read())
+        self.acks = acks
+        self.background = BackgroundReader(ws)
 
-    async def _read(self) -> None:
-        async for raw in self.ws:
-            frame = orjson.loads(raw)
-            self.frames.setdefault(frame.get("channel", ""), []).append(frame)
+    def frames(self, channel: str) -> list[dict[str, Any]]:
+        return [frame for _, frame in self.background.frames if frame.get("channel") == channel]
 
     def data(self, channel: str) -> list[Any]:
-        return [f["data"] for f in self.frames.get(channel, []) if "op" not in f]
+        return [f["data"] for f in self.frames(channel) if "op" not in f]
+
+    def gaps(self, channel: str) -> int:
+        """Gap frames of ``channel``, once every frame so far was checked against the contract."""
+        view = View(worker_of(self.ws))
+        for name, ack in self.acks.items():
+            view.subscribing(name, None)
+            view.see(ack)
+        for _, frame in self.background.frames:
+            view.see(frame)
+        assert not view.violations, view.violations
+        return sum(1 for gap in view.gaps if gap["channel"] == channel)
 
     async def close(self) -> None:
-        await self.ws.close()
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        await self.background.stop()
 
 
 async def readers_on_both_workers(service: Service, channels: list[str], minimum: int = 2) -> list[Reader]:
@@ -84,36 +90,12 @@ async def readers_on_both_workers(service: Service, channels: list[str], minimum
     workers: set[str] = set()
     for _ in range(100):
         ws = await service.connect(f"?channels={','.join(channels)}")
-        await recv_acks(ws, channels, timeout=15)
+        acks = await recv_acks(ws, channels, timeout=15)
         workers.add(worker_of(ws))
-        readers.append(Reader(ws))
+        readers.append(Reader(ws, acks))
         if len(readers) >= minimum and len(workers) == 2:
             return readers
     raise AssertionError("100 clients all landed on one worker")
-
-
-def check_invariant(frames: list[dict[str, Any]]) -> int:
-    """Offsets rise by one within an epoch, and a jump or a new epoch comes right after a gap frame
-    that explains it; no (epoch, offset) twice. Returns how many gap frames there were."""
-    seen: set[tuple[str, int]] = set()
-    epoch, offset, gaps = None, None, 0
-    for frame in frames:
-        if frame.get("op") == "gap":
-            gaps += 1
-            epoch, offset = frame["epoch"], frame["offset"]
-            continue
-        if frame.get("op") is not None:
-            continue
-        key = (frame["epoch"], frame["offset"])
-        assert key not in seen, f"duplicate {key}"
-        seen.add(key)
-        if epoch is not None:
-            assert offset is not None
-            assert frame["epoch"] == epoch and frame["offset"] == offset + 1, (
-                f"silent hole or jump: {epoch}/{offset} then {key}"
-            )
-        epoch, offset = key
-    return gaps
 
 
 async def test_delivery_across_workers_on_sharded_pubsub_with_bounded_connections(
@@ -141,7 +123,7 @@ async def test_delivery_across_workers_on_sharded_pubsub_with_bounded_connection
             await async_wait_until(delivered, 15, what="every publication at every client")
             for reader in readers:
                 for channel in CHANNELS:
-                    assert check_invariant(reader.frames[channel]) == 0
+                    assert reader.gaps(channel) == 0
 
             # Sharded subscriptions, each on the master serving its channel's slot; none classic.
             pattern = service.prefix + "*"
@@ -164,12 +146,12 @@ async def test_delivery_across_workers_on_sharded_pubsub_with_bounded_connection
             # The commands, pointed at any node: the coordinator reads every master's heartbeats,
             # the publish command calls the function on the channel's master.
             env = {**os.environ, "REDIS_URL": redis_cluster.url, "REDIS_CLUSTER": "1", "REDIS_PREFIX": service.prefix}
-            report = run_command(env, "scripts.health", "--json")
+            report = command("health", "--json", env=env)
             assert report.returncode == 0, report.stderr
             doc = orjson.loads(report.stdout)
             assert doc["status"] == "ok" and doc["totals"]["workers"] == 2, doc
             for channel in (CHANNELS[0], CHANNELS[-1]):
-                done = run_command(env, "scripts.publish", channel, '{"n": 3}')
+                done = command("publish", channel, '{"n": 3}', env=env)
                 assert done.returncode == 0, done.stdout + done.stderr
 
             async def by_command() -> bool:
@@ -225,7 +207,7 @@ async def test_a_slot_migration_keeps_delivering_without_a_hole(redis_cluster: P
 
             await async_wait_until(all_delivered, 10, what="the last publication at every client")
             for reader in readers:
-                assert check_invariant(reader.frames[channel]) == 0, "a migration loses nothing: no gap"
+                assert reader.gaps(channel) == 0, "a migration loses nothing: no gap"
                 assert reader.data(channel) == published
             # Redis dropped the subscriptions when the slot left (a pushed sunsubscribe); the workers
             # re-made them on the new owner.
@@ -282,7 +264,7 @@ async def test_a_shard_listener_killed_reconnects_alone_and_fills_its_holes(redi
             await async_wait_until(all_delivered, 15, what="every publication at every client")
             for reader in readers:
                 for channel in channels:
-                    assert check_invariant(reader.frames[channel]) == 0
+                    assert reader.gaps(channel) == 0
             restored = [line for line in service.log().splitlines() if "restored after" in line]
             assert len(restored) == 2 and all(f"(node 127.0.0.1:{victim})" in line for line in restored), restored
         finally:
@@ -381,13 +363,13 @@ async def test_a_master_killed_under_publishers_fails_over_with_nothing_lost_sil
             gaps = 0
             for reader in readers:
                 for channel in channels:
-                    found = check_invariant(reader.frames[channel])
+                    found = reader.gaps(channel)
                     gaps += found
                     # The failed master's channels start a new epoch once (what its replica never
                     # got is unknowable); the others go on untouched.
                     assert found == (owners[channel] == victim), (channel, [
-                        (f.get("op"), f.get("offset"), f.get("epoch")) for f in reader.frames[channel] if f.get("op")
-                    ], [f.get("offset") for f in reader.frames[channel]])
+                        (f.get("op"), f.get("offset"), f.get("epoch")) for f in reader.frames(channel) if f.get("op")
+                    ], [f.get("offset") for f in reader.frames(channel)])
                     got = set(reader.data(channel))
                     # Whatever the new master accepted is delivered, the publications made before
                     # the workers had subscribed there included (read from its history); what the
@@ -401,13 +383,6 @@ async def test_a_master_killed_under_publishers_fails_over_with_nothing_lost_sil
         finally:
             for reader in readers:
                 await reader.close()
-
-
-def _gone(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_scripts_run_starts_a_private_cluster_and_stops_every_node(tmp_path: Path) -> None:
@@ -434,7 +409,7 @@ def test_scripts_run_starts_a_private_cluster_and_stops_every_node(tmp_path: Pat
         os.kill(run.pid, signal.SIGTERM)
         assert run.wait(40) == 0
         for node in nodes:
-            wait_until(functools.partial(_gone, node), 10, what=f"redis-server {node.pid} gone")
+            wait_until(functools.partial(process_gone, node), 10, what=f"redis-server {node.pid} gone")
         assert list(tmp_path.iterdir()) == []  # every node's directory removed
     finally:
         with contextlib.suppress(ProcessLookupError):
