@@ -71,7 +71,12 @@ class Service:
             self.env, log_path=self.log_path, cwd=ROOT, own_metrics_dir=False, preexec_fn=self.preexec_fn
         ).start()
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                # ``with`` never reaches __exit__ when __enter__ raises: stop what was started.
+                self.stop()
+                raise
         return self
 
     def heartbeats(self) -> list[dict[str, Any]]:
