@@ -252,23 +252,31 @@ def main(argv: list[str] | None = None) -> int:
     except (ServiceError, RuntimeError) as exc:
         print(f"{_prog()}: {exc}", file=sys.stderr)
         return 1
+    print(report.summary(results))
+    print("\n" + report.table(results))
+    _write_json(args, argv, started, load, to_json(results))
+    return 0
+
+
+def _write_json(
+    args: argparse.Namespace, argv: list[str] | None, started: float, load: tuple[float, ...], results: Any
+) -> None:
+    """With --json: every figure, with the commit, the command and the machine's load at the start."""
+    if not args.json:
+        return
     document = {
         "git": _git_state(),
         "command": " ".join([_prog(), *(argv if argv is not None else sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "load_average_at_start": [round(x, 2) for x in load],
         "cpus": os.cpu_count(),
-        "results": to_json(results),
+        "results": results,
     }
-    print(report.summary(results))
-    print("\n" + report.table(results))
-    if args.json:
-        text = orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-    return 0
+    text = orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
+    if args.json == "-":
+        print(text)
+    else:
+        Path(args.json).write_text(text + "\n")
 
 
 def _channels(args: argparse.Namespace, argv: list[str] | None, started: float, load: tuple[float, ...]) -> int:
@@ -280,18 +288,5 @@ def _channels(args: argparse.Namespace, argv: list[str] | None, started: float, 
         print(f"{_prog()}: {exc}", file=sys.stderr)
         return 1
     print(channels.table(results))
-    if args.json:
-        document = {
-            "git": _git_state(),
-            "command": " ".join([_prog(), *(argv if argv is not None else sys.argv[1:])]),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-            "load_average_at_start": [round(x, 2) for x in load],
-            "cpus": os.cpu_count(),
-            "results": [r.__dict__ for r in results],
-        }
-        text = orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+    _write_json(args, argv, started, load, [r.__dict__ for r in results])
     return 0
