@@ -1,8 +1,8 @@
-"""The ASGI application: ``create_app(settings)`` and the lifespan that wires the parts.
+"""The ASGI application: ``create_app(settings)``, its routes, and a lifespan that starts and stops
+the worker's node (``service.node``).
 
-Start-up builds, in order: tracker, hub, broker (pool + listener), memory monitor, metrics,
-heartbeat; shutdown tears them down in reverse. HTTP routes: POST /publish[/<channel>], GET /health,
-GET /health/cluster, GET /metrics, GET /client.js, GET /dashboard.
+HTTP routes: POST /publish[/<channel>], GET /health, GET /health/cluster, GET /metrics,
+GET /client.js, GET /dashboard; /ws goes to ``service.endpoint``.
 """
 
 from __future__ import annotations
@@ -11,13 +11,10 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio.to_thread
-import orjson
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -25,25 +22,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from service import dashboard, health, publication, publisher, wire
-from service.broker import Broker
+from service import codec, dashboard, health, publication, publisher, wire
 from service.config import Settings
+from service.counters import Counters
 from service.endpoint import websocket_endpoint
-from service.gate import Gate
-from service.history import History
-from service.hub import Hub
-from service.keys import Keys
-from service.memory import MemoryMonitor
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from service.metrics import Metrics
+from service.node import Node
 from service.ratelog import RateLimitedLog
-from service.recovery import Recovery
-from service.tracker import Counters, Tracker
 
 log = logging.getLogger("wsbroadcast.app")
-
-# A subscription Redis has not confirmed within this long is logged (rate-limited), then waited for.
-SUBSCRIBE_CONFIRM_WAIT = 5.0
 
 # What the publish function adds around the data and the channel's name (its offset, epoch and
 # field names), at most: a frame over MAX_MESSAGE_BYTES would be dropped by every worker.
@@ -53,117 +40,22 @@ ratelog = RateLimitedLog(log)
 
 class _JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
-class Service:
-    """Everything one worker holds, built by the lifespan."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.keys = Keys(settings.redis_prefix)
-        self.worker_id = health.worker_identity()
-        self.worker_name = f"{self.worker_id[0]}:{self.worker_id[1]}"
-        self.started_at = time.time()
-        self.gate = Gate(settings)
-        self.hub = Hub(
-            self._on_first,
-            self._on_last,
-            settings.queue_size,
-            settings.queue_bytes,
-            on_hole=self._on_hole,
-            recent_size=settings.history_size,
-        )
-        self.tracker = Tracker(settings.max_connections, settings.idle_timeout, self.hub.last_publish)
-        self.broker = Broker(settings, self.keys, self.worker_id, self._on_message, self._on_reconnect)
-        self.history = History(self.broker.redis, self.keys, settings)
-        self.recovery = Recovery(self.history, self.hub)
-        self._library: asyncio.Task[None] | None = None
-        self.memory = MemoryMonitor(settings, self.tracker)
-        self.metrics = Metrics(self)
-        self.hub.on_fanout = self.metrics.observe_fanout
-        self.heartbeat = health.Heartbeat(self)
-
-    def _on_first(self, channel: str) -> None:
-        self.broker.want(channel)
-
-    def _on_last(self, channel: str) -> None:
-        self.broker.unwant(channel)
-
-    def _on_hole(self, channel: str, offset: int, epoch: str) -> None:
-        self.recovery.on_hole(channel, offset, epoch)
-
-    def _on_reconnect(self) -> None:
-        # A Redis that restarted without persistence has lost the function library too.
-        self._library = asyncio.get_running_loop().create_task(self.load_library())
-        self.recovery.check_all(self.confirmed)
-
-    async def load_library(self) -> None:
-        """Load the publish function into Redis (every publish path also loads it when missing,
-        but a publisher using redis-cli relies on a worker having done it)."""
-        delay = 0.1
-        while True:
-            try:
-                await self.history.load()
-                return
-            except (RedisError, OSError) as exc:
-                ratelog.warning("library", "publish function not loaded into Redis yet: %s", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def confirmed(self, channel: str) -> None:
-        """Wait until Redis has confirmed the subscription to ``channel``, however long it takes."""
-        while not await self.broker.confirmed(channel, SUBSCRIBE_CONFIRM_WAIT):
-            ratelog.warning("unconfirmed", "subscription to %r not confirmed by Redis yet; still waiting", channel)
-
-    def _on_message(self, channel: str, payload: bytes) -> None:
-        self.tracker.counters.received_redis += 1
-        # Once per message per worker, before any subscriber sees it.
-        checked = wire.check_publication(channel, payload, self.settings.max_message_bytes)
-        if isinstance(checked, wire.Invalid):
-            self._invalid(channel, checked.why)
-            return
-        try:
-            self.hub.publish(channel, payload, *checked)
-        except UnicodeDecodeError:
-            self._invalid(channel, "not UTF-8")
-
-    def _invalid(self, channel: str, why: str) -> None:
-        self.tracker.counters.invalid_payloads += 1
-        ratelog.warning("invalid_payload", "dropped a publication from Redis on %r: %s", channel, why)
+        return codec.dumps(content)
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
-    service: Service = app.state.service
-    service.broker.start()
-    service.memory.check()
-    service.memory.check_fds()
-    tasks = [
-        asyncio.create_task(service.tracker.run_sweeps(service.settings.cleanup_interval), name="idle-sweep"),
-        asyncio.create_task(service.memory.run(), name="memory"),
-        asyncio.create_task(service.metrics.run(), name="metrics"),
-        asyncio.create_task(service.heartbeat.run(), name="heartbeat"),
-        asyncio.create_task(service.load_library(), name="library"),
-    ]
-    log.info("worker %s started: %s", service.worker_name, service.settings.public())
+    node: Node = app.state.node
+    await node.start()
     try:
         yield
     finally:
-        if service._library is not None:
-            tasks.append(service._library)
-        for task in reversed(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await service.heartbeat.remove()
-        await service.recovery.stop()
-        await service.broker.stop()
-        log.info("worker %s stopped", service.worker_name)
+        await node.stop()
 
 
 async def publish(request: Request) -> Response:
     """``POST /publish`` (body ``{"channel":..,"data":..}``) and ``POST /publish/<channel>`` (body: the data)."""
-    service: Service = request.app.state.service
+    service: Node = request.app.state.node
     settings = service.settings
     token = settings.publish_token
     if not token:
@@ -193,7 +85,7 @@ async def publish(request: Request) -> Response:
                 if len(body) > settings.max_message_bytes:
                     return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
     except TimeoutError:
-        service.tracker.counters.http_rejected_body_timeout += 1
+        service.counters.http_rejected_body_timeout += 1
         return _problem(408, f"body not received within BODY_TIMEOUT ({settings.body_timeout:g} s)",
                         {"Connection": "close"})
     except ClientDisconnect:
@@ -208,7 +100,7 @@ async def publish(request: Request) -> Response:
         return _problem(400, str(exc))
     if len(data) + FRAME_OVERHEAD + len(channel) > settings.max_message_bytes:
         return _problem(413, f"frame over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
-    counters = service.tracker.counters
+    counters = service.counters
     try:
         result = await service.broker.publish(channel, data, idempotency_key)
     except publisher.IdempotencyConflict as exc:
@@ -223,8 +115,8 @@ async def publish(request: Request) -> Response:
     return _JSON(body_doc, status_code=202)
 
 
-def _unavailable(service: Service, channel: str, exc: publisher.PublishError, keyed: bool) -> Response:
-    counters = service.tracker.counters
+def _unavailable(service: Node, channel: str, exc: publisher.PublishError, keyed: bool) -> Response:
+    counters = service.counters
     headers = {"Retry-After": "1"}
     if exc.published is False:
         counters.publish_refused += 1
@@ -264,7 +156,7 @@ def _health_access(request: Request) -> bool | Response:
         return False
     if not auth.lower().startswith("bearer "):
         return _problem(401, "health detail needs Authorization: Bearer <ADMIN_TOKEN>", {"WWW-Authenticate": "Bearer"})
-    token = request.app.state.service.settings.admin_token
+    token = request.app.state.node.settings.admin_token
     if not token:
         return _problem(403, _NO_DETAIL)
     if not hmac.compare_digest(auth[7:].strip().encode(), token.encode()):
@@ -282,25 +174,25 @@ def _health_json(doc: dict[str, Any]) -> Response:
 
 
 async def worker_health(request: Request) -> Response:
-    service: Service = request.app.state.service
+    service: Node = request.app.state.node
     access = _health_access(request)
     if isinstance(access, Response):
         return access
-    doc = health.worker_stats(service)
+    doc = service.stats()
     return _health_json(doc if access else _public(health.public_worker(doc), service.settings))
 
 
 async def cluster_health(request: Request) -> Response:
-    service: Service = request.app.state.service
+    service: Node = request.app.state.node
     access = _health_access(request)
     if isinstance(access, Response):
         return access
-    doc = await health.cluster_report(service.broker.redis, service.keys, health.CLUSTER_TIMEOUT)
+    doc = await health.cluster_report(service.broker.masters(), service.keys, health.CLUSTER_TIMEOUT)
     return _health_json(doc if access else _public(health.public_cluster(doc), service.settings))
 
 
 async def metrics(request: Request) -> Response:
-    service: Service = request.app.state.service
+    service: Node = request.app.state.node
     service.metrics.sync()  # this worker's figures fresh; the others' are at most a second old
     # Reading every worker's file is blocking I/O: keep it off the event loop.
     body = await anyio.to_thread.run_sync(service.metrics.render)
@@ -317,16 +209,16 @@ class _App(Starlette):
     """
 
     @property
-    def service(self) -> Service:
+    def node(self) -> Node:
         """The worker's parts, for the lean path (workers/lean.py), which serves /ws without the app."""
-        service: Service = self.state.service
-        return service
+        node: Node = self.state.node
+        return node
 
     @property
     def counters(self) -> Counters:
         """The worker's counters, for the server's protocols (workers/http.py counts its rejections)."""
-        service: Service = self.state.service
-        return service.tracker.counters
+        node: Node = self.state.node
+        return node.counters
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == "/ws":
@@ -357,5 +249,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ],
         lifespan=_lifespan,
     )
-    app.state.service = Service(settings)
+    app.state.node = Node(settings)
     return app

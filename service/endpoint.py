@@ -19,16 +19,14 @@ from starlette.types import Receive
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service import wire
-from service.outbound import Bounds, QueueOutbound
+from service.outbound import DIRECT_EXTENSION, Bounds, QueueOutbound
 from service.session import Refusal, Session, admit
 
 if TYPE_CHECKING:
-    from service.app import Service
+    from service.node import Node
 
 log = logging.getLogger("wsbroadcast.endpoint")
 
-# The scope extension our uvicorn protocol (workers.protocol) offers: synchronous close and sends.
-LINK_EXTENSION = "wsbroadcast.direct"
 # How a send or receive fails once the client is gone or the connection is closed under us.
 _GONE = (OSError, RuntimeError, WebSocketDisconnect)
 
@@ -36,7 +34,7 @@ _GONE = (OSError, RuntimeError, WebSocketDisconnect)
 async def websocket_endpoint(ws: WebSocket, receive: Receive) -> None:
     """Serve one WebSocket; ``receive`` is the server's own (Starlette's wrapper would keep one more
     suspended coroutine alive per idle connection)."""
-    service: Service = ws.app.state.service
+    service: Node = ws.app.state.node
     # Starlette's headers give the first of a repeated header; a dict built in reverse does too.
     headers = dict(reversed(ws.headers.items()))
     verdict = admit(service, headers, dict(ws.query_params))
@@ -99,7 +97,7 @@ class _AsgiLink:
     def __init__(self, ws: WebSocket, outbound: QueueOutbound) -> None:
         self.ws = ws
         self.outbound = outbound
-        self.protocol: Any = ws.scope.get("extensions", {}).get(LINK_EXTENSION, {}).get("link")
+        self.protocol: Any = ws.scope.get("extensions", {}).get(DIRECT_EXTENSION, {}).get("link")
         self.closer: asyncio.Task[None] | None = None
         self.writer = asyncio.get_running_loop().create_task(self._write())
 

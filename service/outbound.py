@@ -23,7 +23,11 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from service import wire
-from service.tracker import Counters
+from service.counters import Counters
+
+# The scope extension through which our WebSocket protocol (workers.protocol) offers the ASGI
+# endpoint a synchronous close (service.endpoint).
+DIRECT_EXTENSION = "wsbroadcast.direct"
 
 
 def ws_text_frame(payload: bytes) -> bytes:

@@ -22,7 +22,6 @@ from service.history import History, Position, Range
 from service.hub import Hub
 from service.outbound import Message, Outbound, control_message
 from service.ratelog import RateLimitedLog
-from service.tracker import Counters
 
 log = logging.getLogger("wsbroadcast.recovery")
 
@@ -54,15 +53,12 @@ class Recovery:
     def __init__(self, history: History, hub: Hub) -> None:
         self._history = history
         self._hub = hub
+        self._counters = hub.counters
         self._limit = asyncio.Semaphore(CONCURRENT_READS)
         self._reads: dict[str, list[tuple[Position, asyncio.Task[Range]]]] = {}
         self._positions: dict[str, asyncio.Task[Position]] = {}
         self._fills: set[asyncio.Task[None]] = set()
         self._log = RateLimitedLog(log)
-        self.reads = 0
-        self.holes_filled = 0
-        self.recovered = 0
-        self.not_recovered = 0
 
     # --- positions -------------------------------------------------------------------------------
 
@@ -126,9 +122,9 @@ class Recovery:
 
     def _answer(self, frames: list[tuple[int, bytes]], recovered: bool, offset: int, epoch: str) -> Recovered:
         if recovered:
-            self.recovered += 1
+            self._counters.recovered += 1
         else:
-            self.not_recovered += 1
+            self._counters.not_recovered += 1
         return Recovered(frames, recovered, offset, epoch)
 
     async def join(
@@ -178,19 +174,6 @@ class Recovery:
         self._hub.activate(channel, outbound)
         return got
 
-    def counts(self, counters: Counters) -> dict[str, int]:
-        """The figures of offsets and recovery, as /health and /metrics show them."""
-        hub = self._hub
-        return {
-            "recovered": self.recovered,
-            "not_recovered": self.not_recovered,
-            "gaps_sent": hub.gaps + counters.gaps_sent,
-            "holes": hub.holes,
-            "holes_filled": self.holes_filled,
-            "history_reads": self.reads,
-            "duplicates": hub.duplicates,
-        }
-
     # --- holes -----------------------------------------------------------------------------------
 
     def on_hole(self, channel: str, offset: int, epoch: str) -> None:
@@ -199,11 +182,15 @@ class Recovery:
         self._fills.add(task)
         task.add_done_callback(self._fills.discard)
 
-    def check_all(self, confirmed: Callable[[str], Awaitable[None]]) -> None:
+    def check_all(self, confirmed: Callable[[str], Awaitable[None]], channels: list[str] | None = None) -> None:
         """After a pub/sub reconnect: once each positioned channel's subscription is confirmed
         again, read its publications since its last accepted offset, so whatever was published
-        while the listener was away is delivered."""
-        for channel in self._hub.positioned():
+        while the listener was away is delivered. ``channels``: only those (a cluster node's)."""
+        positioned = self._hub.positioned()
+        if channels is not None:
+            wanted = set(channels)
+            positioned = [channel for channel in positioned if channel in wanted]
+        for channel in positioned:
             task = asyncio.get_running_loop().create_task(self._check(channel, confirmed))
             self._fills.add(task)
             task.add_done_callback(self._fills.discard)
@@ -231,10 +218,10 @@ class Recovery:
             if check:
                 # A reconnect's check found a hole only if Redis is past what the worker accepted.
                 missed = got.position != since
-                self._hub.holes += missed
-                self.holes_filled += missed
+                self._counters.holes += missed
+                self._counters.holes_filled += missed
             else:
-                self.holes_filled += 1
+                self._counters.holes_filled += 1
             self._hub.fill(channel, got.position.epoch, got.position.offset, got.frames)
             return
         # Redis could not be read for a long while: what is missing is announced as lost.
@@ -270,7 +257,7 @@ class Recovery:
 
     async def _read_now(self, channel: str, since: Position) -> Range:
         async with self._limit:
-            self.reads += 1
+            self._counters.history_reads += 1
             return await self._history.read(channel, since)
 
 

@@ -30,7 +30,7 @@ from service.recovery import Recovered
 from service.tracker import Connection
 
 if TYPE_CHECKING:
-    from service.app import Service
+    from service.node import Node
 
 log = logging.getLogger("wsbroadcast.endpoint")
 # Every client can subscribe while Redis is down: one line per interval, not one per subscribe.
@@ -62,7 +62,7 @@ class Refusal:
     retry_after: int | None = None
 
 
-def admit(service: Service, headers: Mapping[str, str], query: Mapping[str, str]) -> Refusal | Claims | None:
+def admit(service: Node, headers: Mapping[str, str], query: Mapping[str, str]) -> Refusal | Claims | None:
     """Whether a /ws handshake may be accepted: a Refusal, or the token's Claims (None without tokens).
 
     ``headers`` is keyed by lower-case name. Nothing per connection exists before this says yes.
@@ -85,7 +85,7 @@ class Session:
     __slots__ = ("claims", "conn", "errors", "expiry", "joining", "link", "outbound", "service", "stamp", "state",
                  "tokens")
 
-    def __init__(self, service: Service, claims: Claims | None, link: Link, outbound: Outbound) -> None:
+    def __init__(self, service: Node, claims: Claims | None, link: Link, outbound: Outbound) -> None:
         self.service = service
         self.link = link
         self.outbound = outbound

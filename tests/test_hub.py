@@ -1,4 +1,5 @@
-"""The hub's per-channel offsets: in order, duplicates dropped, holes held and filled, gaps announced."""
+"""The hub: publications batched per loop turn; per-channel offsets in order, duplicates dropped,
+holes held and filled, gaps announced."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 
 from service import hub as hub_module
 from service.hub import Hub
-from tests.support import Recorder
+from service.outbound import ws_text_frame
+from tests.support.recorder import Recorder
 
 
 def _frame(offset: int, epoch: str = "E", channel: str = "c") -> bytes:
@@ -37,7 +40,7 @@ async def test_publications_in_order_pass_and_duplicates_are_dropped() -> None:
     w.publish(1, 2, 2, 1, 3)
     await asyncio.sleep(0)
     assert w.out.seen() == [1, 2, 3]
-    assert w.hub.duplicates == 2 and w.holes == []
+    assert w.hub.counters.duplicates == 2 and w.holes == []
 
 
 async def test_a_parked_listener_receives_nothing_until_activated_then_everything_after_its_position() -> None:
@@ -76,7 +79,7 @@ async def test_a_hole_is_read_once_and_filled_before_what_followed_it() -> None:
     w.publish(7)
     await asyncio.sleep(0)
     assert w.out.seen() == [1, 2, 3, 4, 5, 6, 7]
-    assert w.hub.holes == 1 and w.hub.gaps == 0
+    assert w.hub.counters.holes == 1 and w.hub.counters.gaps_sent == 0
 
 
 async def test_what_the_history_no_longer_holds_is_one_gap_then_delivery_goes_on() -> None:
@@ -85,7 +88,7 @@ async def test_what_the_history_no_longer_holds_is_one_gap_then_delivery_goes_on
     w.hub.fill("c", "E", 6, [(4, _frame(4)), (5, _frame(5)), (6, _frame(6))])
     await asyncio.sleep(0)
     assert w.out.seen() == [1, ("gap", 3, "E"), 4, 5, 6]
-    assert w.hub.gaps == 1
+    assert w.hub.counters.gaps_sent == 1
 
 
 async def test_publications_lost_while_a_hole_is_read_make_another_read() -> None:
@@ -119,7 +122,7 @@ async def test_a_reconnect_check_delivers_what_the_worker_missed_without_a_gap()
     w.publish(4)  # held while the read is under way
     w.hub.fill("c", "E", 3, [(2, _frame(2)), (3, _frame(3))])
     await asyncio.sleep(0)
-    assert w.out.seen() == [1, 2, 3, 4] and w.hub.gaps == 0
+    assert w.out.seen() == [1, 2, 3, 4] and w.hub.counters.gaps_sent == 0
 
 
 async def test_frames_without_an_offset_pass_as_they_are() -> None:
@@ -138,4 +141,27 @@ async def test_a_hole_held_past_its_bound_is_given_up_as_a_gap(monkeypatch: Any)
     w.hub.fill("c", "E", 6, [(2, _frame(2))])  # the read that came too late changes nothing
     w.publish(7)
     await asyncio.sleep(0)
-    assert w.out.seen()[-1] == 7 and w.hub.duplicates == 0
+    assert w.out.seen()[-1] == 7 and w.hub.counters.duplicates == 0
+
+
+async def test_hub_batches_what_arrives_together_and_flushes_on_the_next_iteration() -> None:
+    firsts: list[str] = []
+    hub = Hub(firsts.append, lambda c: None, queue_frames=8, queue_bytes=1 << 20)  # batches of at most 2
+    out = Recorder()
+    hub.add("c", out)
+    hub.activate("c", out)
+    assert firsts == ["c"]
+    assert hub.publish("c", b'"a"') == 1
+    assert out.messages == []  # waits only for the loop to turn
+    await asyncio.sleep(0)
+    assert [m.texts for m in out.messages] == [['"a"']]
+    for text in (b'"b"', b'"c"', b'"d"'):
+        hub.publish("c", text)
+    assert [m.texts for m in out.messages[1:]] == [['"b"', '"c"']]  # flushed early at the batch bound
+    await asyncio.sleep(0)
+    assert [m.texts for m in out.messages[1:]] == [['"b"', '"c"'], ['"d"']]
+    assert out.messages[1].frame == ws_text_frame(b'"b"') + ws_text_frame(b'"c"')
+    assert out.messages[1].count == 2
+    assert hub.publish("nobody", b"1") == 0
+    with pytest.raises(UnicodeDecodeError):
+        hub.publish("c", b"\xff")

@@ -10,7 +10,9 @@ import pytest
 
 from scripts.attack import OP_PING, RawClient
 from scripts.redis_server import PrivateRedis
-from tests.support import Service, recv_publication, subscribe_client, wait_until
+from tests.support.clients import recv_publication, subscribe_client
+from tests.support.servers import Service
+from tests.support.waits import wait_until
 
 HOST = "127.0.0.1"
 

@@ -20,8 +20,9 @@ from scripts.redis_server import PrivateRedis
 from service.config import Settings
 from service.memory import DEFAULT_PER_CONNECTION, MEASURE_FROM, MemoryMonitor, cgroup_limit, detect_limit
 from service.tracker import Tracker
-from tests.support import Service, wait_until
-from tests.test_metrics import scrape
+from tests.support.metrics import scrape
+from tests.support.servers import Service
+from tests.support.waits import wait_until
 
 MiB = 1024 * 1024
 V1_UNLIMITED = "9223372036854771712\n"
@@ -127,7 +128,7 @@ def test_pressure_is_alerted_once_and_recovers_when_memory_is_freed(caplog: pyte
         monitor.check()  # checks while above the watermark: one alert, not one per check
     assert monitor.pressure and tracker.memory_pressure
     assert tracker.refusal() == "memory"
-    assert monitor.alerts == 1
+    assert tracker.counters.memory_alerts == 1
     lines = _pressure_lines(caplog)
     assert len(lines) == 1 and lines[0].startswith("memory pressure: RSS") and "MEMORY_LIMIT" in lines[0]
     assert monitor.stats()["pressure"] is True
@@ -139,7 +140,7 @@ def test_pressure_is_alerted_once_and_recovers_when_memory_is_freed(caplog: pyte
     assert tracker.refusal() is None
     lines = _pressure_lines(caplog)
     assert len(lines) == 2 and lines[1].startswith("memory pressure over")
-    assert monitor.alerts == 1
+    assert tracker.counters.memory_alerts == 1
 
 
 def test_raising_the_limit_recovers_only_below_the_hysteresis_band(caplog: pytest.LogCaptureFixture) -> None:

@@ -37,7 +37,7 @@ from workers.limits import FrameBudget, Limits, cap_send_buffer
 from workers.wsframes import BINARY, CLOSE, PING, PONG, TEXT, ClientFrames, ProtocolError, close_code
 
 if TYPE_CHECKING:
-    from service.app import Service
+    from service.node import Node
     from workers.http import BroadcastHttpProtocol
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -69,7 +69,7 @@ class LeanWorker:
     # An abuser has had its close frame (and FIN) at once: it is aborted sooner, as it is not read.
     abuse_linger = 2.0
 
-    def __init__(self, config: Any, service: Service, registry: set[Any]) -> None:
+    def __init__(self, config: Any, service: Node, registry: set[Any]) -> None:
         self.service = service
         # uvicorn's set of open connections: its shutdown closes each (shutdown()) and waits for them.
         self.registry = registry
@@ -88,7 +88,7 @@ class LeanWorker:
     @staticmethod
     def serves(config: Any) -> bool:
         """Whether this server's /ws connections may take the lean path."""
-        service = getattr(config, "wsbroadcast_service", None)
+        service = getattr(config, "wsbroadcast_node", None)
         if service is None or config.ws_per_message_deflate:
             return False
         settings = service.settings
@@ -98,7 +98,7 @@ class LeanWorker:
     def of(cls, config: Any, registry: set[Any]) -> LeanWorker:
         worker: LeanWorker | None = getattr(config, "wsbroadcast_lean", None)
         if worker is None:
-            worker = cls(config, config.wsbroadcast_service, registry)
+            worker = cls(config, config.wsbroadcast_node, registry)
             config.wsbroadcast_lean = worker
         return worker
 

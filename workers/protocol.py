@@ -39,7 +39,7 @@ from websockets.frames import Frame
 from websockets.http11 import Request
 
 from service import wire
-from service.endpoint import LINK_EXTENSION
+from service.outbound import DIRECT_EXTENSION
 from workers.limits import DEFAULT_LIMITS, FrameBudget, Limits, cap_send_buffer
 
 log = logging.getLogger("wsbroadcast.protocol")
@@ -217,7 +217,7 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
         # The link is offered on every accepted upgrade, so that any connection can be closed
         # without awaiting its client (the abort timer bounds a stalled one).
         if self.response.status_code == 101:
-            self.scope["extensions"][LINK_EXTENSION] = {"link": self}  # type: ignore[index]
+            self.scope["extensions"][DIRECT_EXTENSION] = {"link": self}  # type: ignore[index]
 
     async def run_asgi(self) -> None:
         # As uvicorn's, except that a handshake refused with a denial response (401, 403, 503) counts
@@ -254,7 +254,7 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
         # The scope (kept by the app for the connection's life) refers back to us through the
         # link: break the cycle so a closed connection is freed at once, not by the cyclic GC.
         extensions = getattr(self, "scope", {}).get("extensions") or {}
-        extensions.pop(LINK_EXTENSION, None)
+        extensions.pop(DIRECT_EXTENSION, None)
 
     def send_now(self, text: str) -> None:
         """Write a text frame now, ahead of nothing: for the last frames before a close."""

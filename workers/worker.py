@@ -60,7 +60,7 @@ class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker sh
         # The HTTP protocol counts its rejections in the worker's counters (no per-connection state).
         self.config.wsbroadcast_counters = getattr(self.wsgi, "counters", None)
         # The lean path (workers.lean) serves /ws with the app's parts, without the ASGI app.
-        self.config.wsbroadcast_service = getattr(self.wsgi, "service", None)
+        self.config.wsbroadcast_node = getattr(self.wsgi, "node", None)
         server = Server(config=self.config)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGQUIT, None)
