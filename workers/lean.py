@@ -37,8 +37,9 @@ from workers.limits import FrameBudget, Limits, cap_send_buffer
 from workers.wsframes import BINARY, CLOSE, PING, PONG, TEXT, ClientFrames, ProtocolError, close_code
 
 if TYPE_CHECKING:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
     from service.node import Node
-    from workers.http import BroadcastHttpProtocol
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # uvicorn.error: our log filter (workers.logfilter) turns these lines into rate-limited ones.
@@ -292,7 +293,7 @@ class LeanConnection(ClientFrames, asyncio.Protocol):
             session.ended()
 
 
-def upgrade(http: BroadcastHttpProtocol) -> bool:
+def upgrade(http: HttpToolsProtocol) -> bool:
     """Serve the upgrade request ``http`` has just parsed on the lean path, if it is a clean one
     for /ws: True when done (accepted or refused); False leaves it to uvicorn and websockets."""
     config = http.config
@@ -348,7 +349,7 @@ def _valid_key(key: str) -> bool:
         return False
 
 
-def _refuse(http: BroadcastHttpProtocol, refusal: Refusal, raw_query: str) -> None:
+def _refuse(http: HttpToolsProtocol, refusal: Refusal, raw_query: str) -> None:
     body = refusal.detail.encode() + b"\n"
     head = [STATUS_LINE[refusal.status]]
     for name, value in http.server_state.default_headers:
