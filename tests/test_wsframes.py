@@ -168,3 +168,14 @@ def test_fuzzed_streams_parse_as_websockets_parses_them(frames: list[tuple[int, 
     assert (our_error is None) == (their_error is None), (our_error, their_error)
     if our_error is not None and their_error is not None:
         assert our_error == their_error or {our_error, their_error} <= {1002, 1009}
+
+
+def test_the_lean_close_frame_cuts_a_long_reason_between_characters() -> None:
+    from service import wire
+    from workers.lean import _close_frame
+
+    frame_bytes = _close_frame(wire.policy("é" * 200))
+    assert frame_bytes[0] == 0x88 and frame_bytes[1] <= 125
+    payload = frame_bytes[2:]
+    assert int.from_bytes(payload[:2], "big") == 1008
+    assert payload[2:].decode() == "é" * 61

@@ -57,7 +57,9 @@ def _frame(opcode: int, payload: bytes) -> bytes:
 def _close_frame(why: wire.Close) -> bytes:
     if why.code == 1005:
         return _frame(CLOSE, b"")
-    return _frame(CLOSE, why.code.to_bytes(2, "big") + why.reason.encode()[:123])
+    # A close frame's reason holds at most 123 bytes, cut between characters: it must stay UTF-8.
+    reason = why.reason.encode()[:123].decode(errors="ignore").encode()
+    return _frame(CLOSE, why.code.to_bytes(2, "big") + reason)
 
 
 class LeanWorker:
