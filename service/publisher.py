@@ -276,14 +276,14 @@ async def _on_cluster(redis: AsyncRedisCluster, cmd: _Command) -> Published:
             raise
     if isinstance(redirect, TryAgainError):
         await asyncio.sleep(TRY_AGAIN_DELAY)
-    elif isinstance(redirect, AskError):
+    elif isinstance(redirect, MovedError):  # first: a MovedError is an AskError too
+        await redis.nodes_manager.move_slot(redirect)  # a migrated slot, a promoted replica
+    else:
         # The slot is migrating and the keys already left: the importing node runs it.
         target = redis.get_node(host=redirect.host, port=redirect.port)
         if target is None:
             raise Refused(f"ASK to {redirect.host}:{redirect.port}, a node the cluster client does not know")
         return await execute(_NodeConnections(target), cmd, asking=True)
-    else:
-        await redis.nodes_manager.move_slot(redirect)  # a migrated slot, a promoted replica
     return await execute(_master(redis, cmd), cmd)
 
 
@@ -307,13 +307,13 @@ def _on_cluster_sync(redis: RedisCluster, cmd: _Command) -> Published:
             raise
     if isinstance(redirect, TryAgainError):
         time.sleep(TRY_AGAIN_DELAY)
-    elif isinstance(redirect, AskError):
+    elif isinstance(redirect, MovedError):
+        redis.nodes_manager.move_slot(redirect)
+    else:
         target = redis.nodes_manager.get_node(redirect.host, redirect.port)
         if target is None:
             raise Refused(f"ASK to {redirect.host}:{redirect.port}, a node the cluster client does not know")
         return execute_sync(redis.get_redis_connection(target).connection_pool, cmd, asking=True)
-    else:
-        redis.nodes_manager.move_slot(redirect)
     return execute_sync(_master_sync(redis, cmd), cmd)
 
 
