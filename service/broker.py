@@ -176,7 +176,7 @@ class Broker:
                 # Mid-migration, the channel's keys are split between the two nodes for a moment.
                 await asyncio.sleep(TRY_AGAIN_DELAY)
                 return await publisher.execute(self.topology.pool(self._address(key)), cmd)
-            if isinstance(cause, AskError):
+            if isinstance(cause, AskError) and not isinstance(cause, MovedError):  # MovedError is an AskError
                 # The slot is migrating and its keys already left: the importing node runs it.
                 return await publisher.execute(self.topology.pool(f"{cause.host}:{cause.port}"), cmd, asking=True)
             if not isinstance(cause, MovedError):
