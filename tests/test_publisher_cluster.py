@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -14,9 +15,19 @@ from redis import RedisCluster
 from redis.asyncio import RedisCluster as AsyncRedisCluster
 
 from scripts.redis_cluster import PrivateCluster
-from service.publisher import IdempotencyConflict, InvalidPublication, Published, publish, publish_sync
+from scripts.redis_server import free_port
+from service.publisher import (
+    IdempotencyConflict,
+    InvalidPublication,
+    Published,
+    Refused,
+    Unknown,
+    publish,
+    publish_sync,
+)
 from tests.cluster import (
     Reader,
+    ask,
     begin_migration,
     cluster_service,
     end_migration,
@@ -165,5 +176,74 @@ async def test_a_migrating_then_migrated_slot_still_publishes(
         assert async_client.nodes_manager.get_node_from_slot(slot).port == target
         assert sync_client.nodes_manager.get_node_from_slot(slot).port == target
     finally:
+        for reader in readers:
+            await reader.close()
+
+
+async def test_a_master_without_the_function_library_gets_it_and_publishes(
+    redis_cluster: PrivateCluster, service: Service, sync_client: RedisCluster, async_client: AsyncRedisCluster,
+) -> None:
+    channel = CHANNELS[1]
+    owner = owner_port(redis_cluster, service.prefix + channel)
+    readers = await readers_on_both_workers(service, [channel])
+    try:
+        ask(owner, "FUNCTION", "DELETE", "wsbroadcast")
+        a = await publish(async_client, channel, b'"reloaded a"', prefix=service.prefix)
+        assert [lib["library_name"] for lib in ask(owner, "FUNCTION", "LIST")] == ["wsbroadcast"]
+        ask(owner, "FUNCTION", "DELETE", "wsbroadcast")
+        s = await asyncio.to_thread(publish_sync, sync_client, channel, b'"reloaded s"', prefix=service.prefix)
+        assert [lib["library_name"] for lib in ask(owner, "FUNCTION", "LIST")] == ["wsbroadcast"]
+        assert s.offset == a.offset + 1 and s.epoch == a.epoch
+        await delivered(readers, channel, ["reloaded a", "reloaded s"])
+    finally:
+        for reader in readers:
+            await reader.close()
+
+
+async def test_a_failure_says_what_is_known_and_a_keyed_retry_is_safe(
+    redis_cluster: PrivateCluster, service: Service,
+) -> None:
+    nowhere = AsyncRedisCluster(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    try:
+        with pytest.raises(Refused):
+            await publish(nowhere, CHANNELS[2], b"1", prefix=service.prefix)
+    finally:
+        await nowhere.aclose()
+
+    channel = CHANNELS[2]
+    owner = owner_port(redis_cluster, service.prefix + channel)
+    seed = redis_cluster.master_ports()[0]
+    impatient = AsyncRedisCluster(host="127.0.0.1", port=seed, socket_timeout=0.3)
+    impatient_sync = RedisCluster(host="127.0.0.1", port=seed, socket_timeout=0.3)
+    readers = await readers_on_both_workers(service, [channel])
+    try:
+        # The master holds every write for a while: the calls go out and get no answer in time.
+        ask(owner, "CLIENT", "PAUSE", "1500", "WRITE")
+        with pytest.raises(Unknown):
+            await publish(impatient, channel, b'"a"', idempotency_key="a", prefix=service.prefix)
+        with pytest.raises(Unknown):
+            publish_sync(impatient_sync, channel, b'"s"', idempotency_key="s", prefix=service.prefix)
+
+        async def retried() -> list[Published] | None:
+            try:
+                return [
+                    await publish(impatient, channel, b'"a"', idempotency_key="a", prefix=service.prefix),
+                    await asyncio.to_thread(publish_sync, impatient_sync, channel, b'"s"', idempotency_key="s",
+                                            prefix=service.prefix),
+                ]
+            except Unknown:
+                return None  # still paused
+
+        made = await async_wait_until(retried, 15, interval=0.2, what="the retries answered")
+        # A held command whose connection was closed is dropped by Redis: the retries made the
+        # publications, and retrying again replays them; each is delivered once.
+        assert [p.replay for p in made] == [False, False] and made[1].offset == made[0].offset + 1, made
+        again = await retried()
+        assert again == [replace(p, replay=True) for p in made], again
+        await delivered(readers, channel, ["a", "s"])
+    finally:
+        ask(owner, "CLIENT", "UNPAUSE")
+        impatient_sync.close()
+        await impatient.aclose()
         for reader in readers:
             await reader.close()
