@@ -243,7 +243,14 @@ class _NodeConnections:
         self._node = node
 
     async def get_connection(self) -> Any:
-        return self._node.acquire_connection()
+        connection = self._node.acquire_connection()
+        # One marked when the slot map changed (its state may be stale) is connected afresh.
+        try:
+            await self._node.disconnect_if_needed(connection)
+        except BaseException:
+            self._node.release(connection)
+            raise
+        return connection
 
     async def release(self, connection: Any) -> None:
         self._node.release(connection)

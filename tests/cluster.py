@@ -86,10 +86,19 @@ def node_client_list(port: int) -> list[dict[str, str]]:
         client.close()
 
 
-def begin_migration(slot: int, source: int, target: int) -> None:
-    """Mark one slot migrating and move its keys: the source answers ASK for them from then on."""
+def begin_migration(slot: int, source: int, target: int, keys: list[str] | None = None) -> None:
+    """Mark one slot migrating and move its keys (or only ``keys``): the source answers ASK for
+    the keys it no longer has from then on, TRYAGAIN for a call on keys split between the two."""
     ask(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", node_id(source))
     ask(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", node_id(target))
+    if keys is not None:
+        ask(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys)
+        return
+    move_keys(slot, source, target)
+
+
+def move_keys(slot: int, source: int, target: int) -> None:
+    """Move what keys of a migrating slot are still on the source."""
     for _ in range(100):  # bounded: a slot of ours holds a handful of keys
         keys = ask(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100")
         if not keys:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from redis import RedisCluster
 from redis.asyncio import RedisCluster as AsyncRedisCluster
+from redis.exceptions import TryAgainError
 
 from scripts.redis_cluster import PrivateCluster
 from scripts.redis_server import free_port
@@ -31,6 +32,7 @@ from tests.cluster import (
     begin_migration,
     cluster_service,
     end_migration,
+    move_keys,
     owner_port,
     readers_on_both_workers,
     shared_cluster,
@@ -43,6 +45,7 @@ __all__ = ["shared_cluster"]  # the fixture, used by name
 
 CHANNELS = [f"py{n}" for n in range(6)]
 MOVING = "py-moving"
+SPLIT = "py-split"
 
 
 @pytest.fixture(scope="module")
@@ -245,5 +248,34 @@ async def test_a_failure_says_what_is_known_and_a_keyed_retry_is_safe(
         ask(owner, "CLIENT", "UNPAUSE")
         impatient_sync.close()
         await impatient.aclose()
+        for reader in readers:
+            await reader.close()
+
+
+async def test_a_channel_split_mid_migration_is_refused_then_publishes(
+    redis_cluster: PrivateCluster, service: Service, sync_client: RedisCluster, async_client: AsyncRedisCluster,
+) -> None:
+    key = service.prefix + SPLIT
+    readers = await readers_on_both_workers(service, [SPLIT])
+    try:
+        start = await publish(async_client, SPLIT, b'"before"', prefix=service.prefix)
+        source = owner_port(redis_cluster, key)
+        target = next(p for p in redis_cluster.master_ports() if p != source)
+        slot = slot_of(source, key)
+        # Only the metadata moves at first: the source answers TRYAGAIN (retried once, after a
+        # moment), and nothing is published while the channel's keys are on two nodes.
+        begin_migration(slot, source, target, keys=[f"{service.prefix}meta:{{{key}}}"])
+        with pytest.raises(Refused) as refused:
+            await publish(async_client, SPLIT, b'"split a"', prefix=service.prefix)
+        assert isinstance(refused.value.__cause__, TryAgainError) and refused.value.published is False
+        with pytest.raises(Refused) as refused:
+            publish_sync(sync_client, SPLIT, b'"split s"', prefix=service.prefix)
+        assert isinstance(refused.value.__cause__, TryAgainError)
+        move_keys(slot, source, target)
+        asked = await publish(async_client, SPLIT, b'"whole"', prefix=service.prefix)
+        end_migration(redis_cluster, slot, source, target)
+        assert (asked.offset, asked.epoch) == (start.offset + 1, start.epoch)
+        await delivered(readers, SPLIT, ["before", "whole"])
+    finally:
         for reader in readers:
             await reader.close()
