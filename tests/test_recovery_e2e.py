@@ -112,6 +112,7 @@ class Publisher:
         self.receivers: list[int] = []  # how many workers' listeners Redis handed each one to
         self.failed = 0
         self.task: asyncio.Task[None] | None = None
+        self.stopping = False
         self.closed = False
 
     async def one(self, n: int) -> None:
@@ -128,7 +129,10 @@ class Publisher:
     async def _run(self) -> None:
         started = time.monotonic()
         n = 0
-        while True:
+        # A flag as well as the cancel: on a loaded machine this loop was seen publishing on after
+        # its cancel (a cancel that meets redis-py's socket timeout may surface as that timeout,
+        # which ``one`` counts as a failed publish), and ``stop`` then waited for ever.
+        while not self.stopping:
             await self.one(n)
             n += 1
             await asyncio.sleep(max(0.0, started + n / self.rate - time.monotonic()))
@@ -138,6 +142,7 @@ class Publisher:
         return self
 
     async def stop(self) -> None:
+        self.stopping = True
         task, self.task = self.task, None
         if task is not None:
             task.cancel()
