@@ -29,6 +29,7 @@ from service.endpoint import websocket_endpoint
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.node import Node
 from service.ratelog import RateLimitedLog
+from service.session import Parts
 
 log = logging.getLogger("wsbroadcast.app")
 
@@ -209,8 +210,8 @@ class _App(Starlette):
     """
 
     @property
-    def node(self) -> Node:
-        """The worker's parts, for the lean path (workers/lean.py), which serves /ws without the app."""
+    def node(self) -> Parts:
+        """What the lean path (workers/lean.py), which serves /ws without the app, uses of the node."""
         node: Node = self.state.node
         return node
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.responses import PlainTextResponse
 from starlette.types import Receive
@@ -20,10 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service import wire
 from service.outbound import DIRECT_EXTENSION, Bounds, QueueOutbound
-from service.session import Refusal, Session, admit
-
-if TYPE_CHECKING:
-    from service.node import Node
+from service.session import Parts, Refusal, Session, admit
 
 log = logging.getLogger("wsbroadcast.endpoint")
 
@@ -34,7 +31,7 @@ _GONE = (OSError, RuntimeError, WebSocketDisconnect)
 async def websocket_endpoint(ws: WebSocket, receive: Receive) -> None:
     """Serve one WebSocket; ``receive`` is the server's own (Starlette's wrapper would keep one more
     suspended coroutine alive per idle connection)."""
-    service: Node = ws.app.state.node
+    service: Parts = ws.app.state.node
     # Starlette's headers give the first of a repeated header; a dict built in reverse does too.
     headers = dict(reversed(ws.headers.items()))
     verdict = admit(service, headers, dict(ws.query_params))

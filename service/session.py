@@ -19,18 +19,17 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from service import wire
-from service.gate import Claims, TokenError
+from service.config import Settings
+from service.gate import Claims, Gate, TokenError
 from service.history import Position
+from service.hub import Hub
 from service.outbound import Message, Outbound, control_message, reply_message
 from service.ratelog import RateLimitedLog
-from service.recovery import Recovered
-from service.tracker import Connection
-
-if TYPE_CHECKING:
-    from service.node import Node
+from service.recovery import Recovered, Recovery
+from service.tracker import Connection, Tracker
 
 log = logging.getLogger("wsbroadcast.endpoint")
 # Every client can subscribe while Redis is down: one line per interval, not one per subscribe.
@@ -53,6 +52,32 @@ class Link(Protocol):
         ...
 
 
+class Parts(Protocol):
+    """What the transports and their sessions use of the worker (``service.node.Node`` has it)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def worker_name(self) -> str: ...
+
+    @property
+    def gate(self) -> Gate: ...
+
+    @property
+    def tracker(self) -> Tracker: ...
+
+    @property
+    def hub(self) -> Hub: ...
+
+    @property
+    def recovery(self) -> Recovery: ...
+
+    async def confirmed(self, channel: str) -> None:
+        """Wait until Redis has confirmed the subscription to ``channel``."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A refused handshake: the HTTP status, its text and Retry-After (seconds, or None)."""
@@ -62,7 +87,7 @@ class Refusal:
     retry_after: int | None = None
 
 
-def admit(service: Node, headers: Mapping[str, str], query: Mapping[str, str]) -> Refusal | Claims | None:
+def admit(service: Parts, headers: Mapping[str, str], query: Mapping[str, str]) -> Refusal | Claims | None:
     """Whether a /ws handshake may be accepted: a Refusal, or the token's Claims (None without tokens).
 
     ``headers`` is keyed by lower-case name. Nothing per connection exists before this says yes.
@@ -85,7 +110,7 @@ class Session:
     __slots__ = ("claims", "conn", "errors", "expiry", "joining", "link", "outbound", "service", "stamp", "state",
                  "tokens")
 
-    def __init__(self, service: Node, claims: Claims | None, link: Link, outbound: Outbound) -> None:
+    def __init__(self, service: Parts, claims: Claims | None, link: Link, outbound: Outbound) -> None:
         self.service = service
         self.link = link
         self.outbound = outbound

@@ -32,14 +32,12 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from service import wire
 from service.gate import Claims
 from service.outbound import Bounds, DirectOutbound
-from service.session import OPEN, Refusal, Session, admit
+from service.session import OPEN, Parts, Refusal, Session, admit
 from workers.limits import FrameBudget, Limits, cap_send_buffer
 from workers.wsframes import BINARY, CLOSE, PING, PONG, TEXT, ClientFrames, ProtocolError, close_code
 
 if TYPE_CHECKING:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    from service.node import Node
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # uvicorn.error: our log filter (workers.logfilter) turns these lines into rate-limited ones.
@@ -72,7 +70,7 @@ class LeanWorker:
     # An abuser has had its close frame (and FIN) at once: it is aborted sooner, as it is not read.
     abuse_linger = 2.0
 
-    def __init__(self, config: Any, service: Node, registry: set[Any]) -> None:
+    def __init__(self, config: Any, service: Parts, registry: set[Any]) -> None:
         self.service = service
         # uvicorn's set of open connections: its shutdown closes each (shutdown()) and waits for them.
         self.registry = registry
