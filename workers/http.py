@@ -31,7 +31,7 @@ import resource
 from asyncio import TimerHandle
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.ratelog import RateLimitedLog
 from workers import lean
@@ -178,17 +178,4 @@ class BroadcastHttpProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()
             return
-        body = detail.encode() + b"\n"
-        head = [STATUS_LINE[status]]
-        for name_, value in self.server_state.default_headers:
-            head += [name_, b": ", value, b"\r\n"]
-        if retry_after:
-            head.append(b"retry-after: 1\r\n")
-        head += [
-            b"content-type: text/plain; charset=utf-8\r\n",
-            b"content-length: ", str(len(body)).encode(), b"\r\n",
-            b"connection: close\r\n\r\n",
-            body,
-        ]
-        self.transport.write(b"".join(head))
-        self.transport.close()
+        lean.answer_plain(self, status, detail, 1 if retry_after else None)

@@ -349,13 +349,14 @@ def _valid_key(key: str) -> bool:
         return False
 
 
-def _refuse(http: HttpToolsProtocol, refusal: Refusal, raw_query: str) -> None:
-    body = refusal.detail.encode() + b"\n"
-    head = [STATUS_LINE[refusal.status]]
+def answer_plain(http: HttpToolsProtocol, status: int, detail: str, retry_after: int | None = None) -> None:
+    """Answer an HTTP request with ``status`` and ``detail`` as plain text, and close."""
+    body = detail.encode() + b"\n"
+    head = [STATUS_LINE[status]]
     for name, value in http.server_state.default_headers:
         head += [name, b": ", value, b"\r\n"]
-    if refusal.retry_after is not None:
-        head.append(b"retry-after: %d\r\n" % refusal.retry_after)
+    if retry_after is not None:
+        head.append(b"retry-after: %d\r\n" % retry_after)
     head += [
         b"content-type: text/plain; charset=utf-8\r\n",
         b"content-length: ", str(len(body)).encode(), b"\r\n",
@@ -364,6 +365,10 @@ def _refuse(http: HttpToolsProtocol, refusal: Refusal, raw_query: str) -> None:
     ]
     http.transport.write(b"".join(head))
     http.transport.close()
+
+
+def _refuse(http: HttpToolsProtocol, refusal: Refusal, raw_query: str) -> None:
+    answer_plain(http, refusal.status, refusal.detail, refusal.retry_after)
     client = f"{http.client[0]}:{http.client[1]}" if http.client else ""
     path = "/ws" + (f"?{raw_query}" if raw_query else "")
     # The line uvicorn logs for a denial response, which the log filter rate-limits per status.
