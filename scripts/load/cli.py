@@ -7,6 +7,9 @@ the clients stop reading while 2 KB frames flow), ``redis-restart`` (Redis down 
 ``recover`` (every worker restarted under a steady publisher: the clients reconnect with ``since``
 their last offset; frames lost, time to recover, history reads).
 
+``scripts/loadtest breakdown [--connections N]`` is a tool of its own (``scripts/load/breakdown.py``):
+where each byte of an idle connection goes, by allocation site and object type, on one traced worker.
+
 wsbroadcast is published to through its Redis function ``wsb_publish`` (offsets and history, as
 apps publish), or with ``--publish-via publish`` by plain PUBLISH of ready frames (no offsets);
 the broadcaster baseline always by PUBLISH. ``--compare-env KEY=VALUE`` runs the same scenarios
@@ -220,6 +223,12 @@ def _git_state() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["breakdown"]:
+        # One worker in-process, traced: its own options (scripts/load/breakdown.py).
+        from scripts.load import breakdown
+
+        return breakdown.main(words[1:])
     args = parse_args(argv)
     if not args.url:
         try:
