@@ -96,6 +96,8 @@ class Breakdown:
     rss_connected: int
     rss_per_conn: float
     rss_after: dict[str, int]  # "1s", "5s" -> RSS
+    # glibc's heap (system, in_use, free_kept) before, connected, 1 s and 5 s after (None: not glibc)
+    heap: dict[str, dict[str, int] | None]
     given_back: dict[str, float]  # "1s", "5s" -> fraction of the growth
     closed_in_s: float
     traced_connected: int
@@ -103,7 +105,11 @@ class Breakdown:
     traced_blocks_per_conn: float
     rss_beyond_traced_per_conn: float
     tracemalloc_overhead_per_conn: float
+    # traced bytes and blocks still allocated after the traced round's close (of the whole round)
+    left_after_close: int = 0
+    left_blocks_after_close: int = 0
     groups: list[Row] = field(default_factory=list)
+    left_sites: list[Row] = field(default_factory=list)
     sites: list[Row] = field(default_factory=list)
     types: list[Row] = field(default_factory=list)
 
@@ -271,9 +277,11 @@ class _Readings:
     before: int
     at_peak: int
     after: dict[str, int]
+    heaps: dict[str, dict[str, int] | None]
     closed_in: float
     traced_connected: int
     answer: dict[str, Any]
+    survivors: dict[str, Any]
 
 
 async def _rounds(args: argparse.Namespace, env: dict[str, str], log: IO[bytes]) -> _Readings:
@@ -289,30 +297,34 @@ async def _rounds(args: argparse.Namespace, env: dict[str, str], log: IO[bytes])
         await _until_closed(worker)
         await asyncio.sleep(args.settle)
 
-        before = (await worker.call("state"))["rss"]
+        state = await worker.call("state")
+        before, heaps = state["rss"], {"before": state["heap"]}
         connected = await _connect(clients, worker.port, n, args.connect_rate)
         await asyncio.sleep(args.settle)
-        at_peak = (await worker.call("state"))["rss"]
+        state = await worker.call("state")
+        at_peak, heaps["connected"] = state["rss"], state["heap"]
         closing = time.monotonic()
         await clients.close(timeout=20.0)
         closed_in = await _until_closed(worker)
         after: dict[str, int] = {}
         for at in GIVE_BACK_AT:
             await asyncio.sleep(max(0.0, closing + at - time.monotonic()))
-            after[f"{at:g}s"] = (await worker.call("state"))["rss"]
+            state = await worker.call("state")
+            after[f"{at:g}s"], heaps[f"{at:g}s"] = state["rss"], state["heap"]
         await asyncio.sleep(args.settle)
 
         await worker.call("trace_start")
         traced = await _connect(clients, worker.port, n, args.connect_rate)
         await asyncio.sleep(args.settle)
-        answer = await worker.call("trace_stop", timeout=300.0)
+        answer = await worker.call("trace_connected", timeout=300.0)
         await clients.close(timeout=20.0)
         await _until_closed(worker)
+        survivors = await worker.call("trace_closed", timeout=300.0)
     finally:
         if clients is not None:
             clients.stop()
         await asyncio.to_thread(worker.stop)
-    return _Readings(connected, before, at_peak, after, closed_in, traced, answer)
+    return _Readings(connected, before, at_peak, after, heaps, closed_in, traced, answer, survivors)
 
 
 def measure(args: argparse.Namespace) -> Breakdown:
@@ -345,7 +357,7 @@ def measure(args: argparse.Namespace) -> Breakdown:
     return Breakdown(
         connections=args.connections, connected=r.connected, env=env_extra,
         rss_before=r.before, rss_connected=r.at_peak, rss_per_conn=round(rss_per, 1),
-        rss_after=r.after,
+        rss_after=r.after, heap=r.heaps,
         given_back={k: round((r.at_peak - v) / grown, 3) if grown > 0 else 0.0 for k, v in r.after.items()},
         closed_in_s=round(r.closed_in, 2),
         traced_connected=r.traced_connected, traced_per_conn=round(traced / per, 1),
@@ -353,7 +365,21 @@ def measure(args: argparse.Namespace) -> Breakdown:
         rss_beyond_traced_per_conn=round(round(rss_per, 1) - round(traced / per, 1), 1),
         tracemalloc_overhead_per_conn=round(r.answer["tracemalloc_overhead"] / per, 1),
         groups=groups, sites=site_rows, types=types,
+        left_after_close=sum(site["size"] for site in r.survivors["sites"]),
+        left_blocks_after_close=sum(site["count"] for site in r.survivors["sites"]),
+        left_sites=_left(r.survivors["sites"], args.top),
     )
+
+
+def _left(sites: list[dict[str, Any]], top: int) -> list[Row]:
+    """What outlived the connections, by site: totals (bytes, blocks), not per connection."""
+    sizes: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    for site in sites:
+        name = _site_name(site["frames"])
+        sizes[name] += site["size"]
+        counts[name] += site["count"]
+    return [Row(name, size, counts[name]) for name, size in sizes.most_common(top)]
 
 
 def _kib(value: float) -> str:
@@ -373,6 +399,10 @@ def table(b: Breakdown) -> str:
     for key, rss in b.rss_after.items():
         lines.append(f"  given back {key} after the close     {b.given_back[key] * 100:5.1f}%  "
                      f"(RSS {rss / 1e6:.1f} MB)")
+    for key, info in b.heap.items():
+        if info is not None:
+            lines.append(f"  glibc heap {key:9}  from the system {info['system'] / 1e6:6.1f} MB, in use "
+                         f"{info['in_use'] / 1e6:6.1f} MB, free but kept {info['free_kept'] / 1e6:6.1f} MB")
     lines.append("")
     lines.append("  by allocation site group                                      bytes/conn  blocks/conn")
     for row in b.groups:
@@ -382,6 +412,11 @@ def table(b: Breakdown) -> str:
     lines.append("  by allocation site (innermost frame <- first caller of ours/uvicorn's)   bytes/conn  blocks/conn")
     for row in b.sites:
         lines.append(f"    {row.bytes_per_conn:8.1f}  {row.count_per_conn:6.2f}  {row.name[:130]}")
+    lines.append("")
+    lines.append(f"  left after the traced round closed: {b.left_after_close / 1e3:.1f} kB in "
+                 f"{b.left_blocks_after_close} blocks (bytes, blocks, site)")
+    for row in b.left_sites[:10]:
+        lines.append(f"    {row.bytes_per_conn:8.0f}  {row.count_per_conn:6.0f}  {row.name[:130]}")
     lines.append("")
     lines.append("  by object type (gc-tracked + their untracked referents)   bytes/conn  objects/conn")
     for row in b.types:

@@ -10,8 +10,10 @@ answer is one JSON line on stdout (``{"ready": port}`` first). Logs go to stderr
 
 * ``state``: RSS and the connections uvicorn holds;
 * ``trace_start``: the object census, then tracemalloc started and a first snapshot;
-* ``trace_stop``: a second snapshot and census; their differences by allocation site (the
+* ``trace_connected``: a second snapshot and census; their differences by allocation site (the
   traceback, innermost frame first) and by object type;
+* ``trace_closed``: a third snapshot, and what it holds beyond the first (what outlived the
+  connections); tracing stops;
 * ``quit``: a graceful shutdown.
 """
 
@@ -19,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import gc
+import inspect
 import json
 import os
 import sys
@@ -35,6 +40,7 @@ from uvicorn.server import Server
 
 from service.app import create_app
 from service.config import Settings
+from service.memory import _malloc_trim
 from workers.worker import config_kwargs, configure
 
 # Deep enough to reach from an allocation in a library up to the call in uvicorn or the service
@@ -42,6 +48,32 @@ from workers.worker import config_kwargs, configure
 FRAMES = 30
 
 Census = tuple[Counter[str], Counter[str]]
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _find_mallinfo2() -> Any:
+    """glibc's mallinfo2 (2.33 and later), or None."""
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+_mallinfo2 = _find_mallinfo2()
+
+
+def heap() -> dict[str, int] | None:
+    """glibc's view of its heap: bytes obtained from the system, in use, and free but kept."""
+    if _mallinfo2 is None:
+        return None
+    info = _mallinfo2()
+    return {"system": info.arena + info.hblkhd, "in_use": info.uordblks + info.hblkhd, "free_kept": info.fordblks}
 
 
 def _type_name(obj: object) -> str:
@@ -85,7 +117,8 @@ class Measured:
         self._overhead = 0
 
     def state(self) -> dict[str, Any]:
-        return {"rss": int(self.process.memory_info().rss), "connections": len(self.server.server_state.connections)}
+        return {"rss": int(self.process.memory_info().rss), "connections": len(self.server.server_state.connections),
+                "heap": heap()}
 
     def trace_start(self) -> dict[str, Any]:
         gc.collect()
@@ -95,25 +128,28 @@ class Measured:
         self._overhead = tracemalloc.get_tracemalloc_memory()
         return self.state()
 
-    def trace_stop(self) -> dict[str, Any]:
-        assert self._snapshot is not None and self._census is not None, "trace_start first"
-        gc.collect()
-        after = tracemalloc.take_snapshot()
-        overhead = tracemalloc.get_tracemalloc_memory() - self._overhead
-        state = self.state()
-        tracemalloc.stop()
-        sites = [
+    def _diff(self, snapshot: tracemalloc.Snapshot) -> list[dict[str, Any]]:
+        assert self._snapshot is not None, "trace_start first"
+        return [
             # tracemalloc keeps the oldest frame first: innermost first here.
             {"frames": [[frame.filename, frame.lineno] for frame in reversed(diff.traceback)],
              "size": diff.size_diff, "count": diff.count_diff}
-            for diff in after.compare_to(self._snapshot, "traceback")
-            if diff.size_diff or diff.count_diff
+            for diff in snapshot.compare_to(self._snapshot, "traceback")
+            if (diff.size_diff or diff.count_diff)
+            # What a command allocates to answer is nobody's connection.
+            and not any(frame.filename == __file__ and frame.lineno in _COMMAND_LINES for frame in diff.traceback)
         ]
-        self._snapshot = None
-        del after
-        counts0, sizes0 = self._census
-        self._census = None
+
+    def trace_connected(self) -> dict[str, Any]:
+        """The differences since trace_start; tracing goes on, for trace_closed."""
+        assert self._census is not None, "trace_start first"
         gc.collect()
+        snapshot = tracemalloc.take_snapshot()
+        overhead = tracemalloc.get_tracemalloc_memory() - self._overhead
+        state = self.state()
+        sites = self._diff(snapshot)
+        del snapshot
+        counts0, sizes0 = self._census
         counts1, sizes1 = census(exclude=(counts0, sizes0, sites))
         types = {
             name: {"count": counts1[name] - counts0[name], "size": sizes1[name] - sizes0[name]}
@@ -122,13 +158,30 @@ class Measured:
         }
         return {**state, "sites": sites, "types": types, "tracemalloc_overhead": overhead}
 
+    def trace_closed(self) -> dict[str, Any]:
+        """What is still allocated, since trace_start, once the connections closed; tracing stops."""
+        gc.collect()
+        snapshot = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        sites = self._diff(snapshot)
+        self._snapshot = self._census = None
+        return {**self.state(), "sites": sites}
+
     def run(self, command: str) -> dict[str, Any]:
         if command == "state":
             return self.state()
         if command == "trace_start":
             return self.trace_start()
-        if command == "trace_stop":
-            return self.trace_stop()
+        if command == "trace_connected":
+            return self.trace_connected()
+        if command == "trace_closed":
+            return self.trace_closed()
+        if command == "trim":
+            # For experiments on giving memory back: what the memory monitor does, now.
+            gc.collect()
+            if _malloc_trim is not None:
+                _malloc_trim(0)
+            return self.state()
         if command == "quit":
             self.server.should_exit = True
             return {"quitting": True}
@@ -159,6 +212,10 @@ def _read_commands(loop: asyncio.AbstractEventLoop, measured: Measured) -> None:
         done.wait()
     # The driver went away: stop serving.
     loop.call_soon_threadsafe(setattr, measured.server, "should_exit", True)
+
+
+_source, _first = inspect.getsourcelines(_read_commands)
+_COMMAND_LINES = range(_first, _first + len(_source))
 
 
 async def _serve(server: Server, port: int) -> None:
