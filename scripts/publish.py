@@ -22,8 +22,9 @@ import httpx
 from redis.asyncio import Redis
 
 from service import publisher
-from service.config import CHANNEL_RE, Settings, SettingsError
+from service.config import Settings, SettingsError
 from service.publication import InvalidPublication, check_data
+from service.wire import CHANNEL_RULE, is_channel
 
 
 async def _via_redis(settings: Settings, channel: str, data: bytes, key: str | None) -> publisher.Published:
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", help="default: $REDIS_URL")
     parser.add_argument("--idempotency-key", metavar="KEY", help="1-200 printable characters; retries are safe")
     args = parser.parse_args(argv)
-    if not CHANNEL_RE.fullmatch(args.channel):
-        parser.error("channel names match [A-Za-z0-9_.:-]{1,128}")
+    if not is_channel(args.channel):
+        parser.error(CHANNEL_RULE)
     try:
         publisher.check_key(args.idempotency_key)
         data = check_data(os.fsencode(args.data))

@@ -26,9 +26,8 @@ import psutil
 import redis
 
 from scripts.redis_server import terminate
-from service.config import Settings
+from service.config import MULTIPROC_ENV, Settings
 from service.keys import Keys
-from workers.metrics_dir import MULTIPROC_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 

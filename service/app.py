@@ -1,8 +1,8 @@
-"""The ASGI application: ``create_app(settings)`` and the lifespan that wires the parts.
+"""The ASGI application: ``create_app(settings)``, its routes, and a lifespan that starts and stops
+the worker's node (``service.node``).
 
-Start-up builds, in order: tracker, hub, broker (pool + listener), memory monitor, metrics,
-heartbeat; shutdown tears them down in reverse. HTTP routes: POST /publish[/<channel>], GET /health,
-GET /health/cluster, GET /metrics, GET /client.js, GET /dashboard.
+HTTP routes: POST /publish[/<channel>], GET /health, GET /health/cluster, GET /metrics,
+GET /client.js, GET /dashboard; /ws goes to ``service.endpoint``.
 """
 
 from __future__ import annotations
@@ -11,13 +11,10 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio.to_thread
-import orjson
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -25,25 +22,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from service import codec, dashboard, health, publication, publisher
-from service.broker import Broker
-from service.config import CHANNEL_RE, Settings
+from service import codec, dashboard, health, publication, publisher, wire
+from service.config import Settings
+from service.counters import Counters
 from service.endpoint import websocket_endpoint
-from service.gate import Gate
-from service.history import History
-from service.hub import Hub
-from service.keys import Keys
-from service.memory import MemoryMonitor
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from service.metrics import Metrics
+from service.node import Node
 from service.ratelog import RateLimitedLog
-from service.recovery import Recovery
-from service.tracker import Counters, Tracker
 
 log = logging.getLogger("wsbroadcast.app")
-
-# A subscription Redis has not confirmed within this long is logged (rate-limited), then waited for.
-SUBSCRIBE_CONFIRM_WAIT = 5.0
 
 # What the publish function adds around the data and the channel's name (its offset, epoch and
 # field names), at most: a frame over MAX_MESSAGE_BYTES would be dropped by every worker.
@@ -53,131 +40,22 @@ ratelog = RateLimitedLog(log)
 
 class _JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
-class Service:
-    """Everything one worker holds, built by the lifespan."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.keys = Keys(settings.redis_prefix)
-        self.worker_id = health.worker_identity()
-        self.worker_name = f"{self.worker_id[0]}:{self.worker_id[1]}"
-        self.started_at = time.time()
-        self.gate = Gate(settings)
-        self.hub = Hub(
-            self._on_first,
-            self._on_last,
-            settings.queue_size,
-            settings.queue_bytes,
-            on_hole=self._on_hole,
-            recent_size=settings.history_size,
-        )
-        self.tracker = Tracker(settings.max_connections, settings.idle_timeout, self.hub.last_publish)
-        self.broker = Broker(settings, self.keys, self.worker_id, self._on_message, self._on_reconnect)
-        self.history = History(self.broker.redis, self.keys, settings)
-        self.recovery = Recovery(self.history, self.hub)
-        self._library: asyncio.Task[None] | None = None
-        self.memory = MemoryMonitor(settings, self.tracker)
-        self.metrics = Metrics(self)
-        self.hub.on_fanout = self.metrics.observe_fanout
-        self.heartbeat = health.Heartbeat(self)
-
-    def _on_first(self, channel: str) -> None:
-        self.broker.want(channel)
-
-    def _on_last(self, channel: str) -> None:
-        self.broker.unwant(channel)
-
-    def _on_hole(self, channel: str, offset: int, epoch: str) -> None:
-        self.recovery.on_hole(channel, offset, epoch)
-
-    def _on_reconnect(self) -> None:
-        # A Redis that restarted without persistence has lost the function library too.
-        self._library = asyncio.get_running_loop().create_task(self.load_library())
-        self.recovery.check_all(self.confirmed)
-
-    async def load_library(self) -> None:
-        """Load the publish function into Redis (every publish path also loads it when missing,
-        but a publisher using redis-cli relies on a worker having done it)."""
-        delay = 0.1
-        while True:
-            try:
-                await self.history.load()
-                return
-            except (RedisError, OSError) as exc:
-                ratelog.warning("library", "publish function not loaded into Redis yet: %s", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def confirmed(self, channel: str) -> None:
-        """Wait until Redis has confirmed the subscription to ``channel``, however long it takes."""
-        while not await self.broker.confirmed(channel, SUBSCRIBE_CONFIRM_WAIT):
-            ratelog.warning("unconfirmed", "subscription to %r not confirmed by Redis yet; still waiting", channel)
-
-    def _on_message(self, channel: str, payload: bytes) -> None:
-        counters = self.tracker.counters
-        counters.received_redis += 1
-        if len(payload) > self.settings.max_message_bytes:
-            self._invalid(channel, f"{len(payload)} bytes, over MAX_MESSAGE_BYTES")
-            return
-        # Once per message per worker: anyone who can PUBLISH could otherwise send subscribers of
-        # one channel frames claiming another, or frames that are not frames at all.
-        try:
-            frame = codec.loads(payload)
-        except codec.JSONDecodeError:
-            self._invalid(channel, "not JSON (or not UTF-8)")
-            return
-        if not isinstance(frame, dict) or frame.get("channel") != channel:
-            self._invalid(channel, f'not a JSON object with "channel": {channel!r}')
-            return
-        offset, epoch = frame.get("offset"), frame.get("epoch")
-        if offset is not None or epoch is not None:
-            if type(offset) is not int or offset < 1 or not isinstance(epoch, str) or not epoch:
-                self._invalid(channel, "an offset that is not a positive integer, or an epoch that is not a string")
-                return
-        try:
-            self.hub.publish(channel, payload, offset, epoch)
-        except UnicodeDecodeError:
-            self._invalid(channel, "not UTF-8")
-
-    def _invalid(self, channel: str, why: str) -> None:
-        self.tracker.counters.invalid_payloads += 1
-        ratelog.warning("invalid_payload", "dropped a publication from Redis on %r: %s", channel, why)
+        return codec.dumps(content)
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
-    service: Service = app.state.service
-    service.broker.start()
-    service.memory.check()
-    service.memory.check_fds()
-    tasks = [
-        asyncio.create_task(service.tracker.run_sweeps(service.settings.cleanup_interval), name="idle-sweep"),
-        asyncio.create_task(service.memory.run(), name="memory"),
-        asyncio.create_task(service.metrics.run(), name="metrics"),
-        asyncio.create_task(service.heartbeat.run(), name="heartbeat"),
-        asyncio.create_task(service.load_library(), name="library"),
-    ]
-    log.info("worker %s started: %s", service.worker_name, service.settings.public())
+    node: Node = app.state.node
+    await node.start()
     try:
         yield
     finally:
-        if service._library is not None:
-            tasks.append(service._library)
-        for task in reversed(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await service.heartbeat.remove()
-        await service.recovery.stop()
-        await service.broker.stop()
-        log.info("worker %s stopped", service.worker_name)
+        await node.stop()
 
 
 async def publish(request: Request) -> Response:
     """``POST /publish`` (body ``{"channel":..,"data":..}``) and ``POST /publish/<channel>`` (body: the data)."""
-    service: Service = request.app.state.service
+    service: Node = request.app.state.node
     settings = service.settings
     token = settings.publish_token
     if not token:
@@ -194,8 +72,8 @@ async def publish(request: Request) -> Response:
     if idempotency_key is not None and not publisher.IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
         return _problem(400, publisher.IDEMPOTENCY_KEY_RULE)
     path_channel: str | None = request.path_params.get("channel")
-    if path_channel is not None and not CHANNEL_RE.fullmatch(path_channel):
-        return _problem(400, publication.CHANNEL_RULE)
+    if path_channel is not None and not wire.is_channel(path_channel):
+        return _problem(400, wire.CHANNEL_RULE)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > settings.max_message_bytes:
         return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
@@ -207,7 +85,7 @@ async def publish(request: Request) -> Response:
                 if len(body) > settings.max_message_bytes:
                     return _problem(413, f"body over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
     except TimeoutError:
-        service.tracker.counters.http_rejected_body_timeout += 1
+        service.counters.http_rejected_body_timeout += 1
         return _problem(408, f"body not received within BODY_TIMEOUT ({settings.body_timeout:g} s)",
                         {"Connection": "close"})
     except ClientDisconnect:
@@ -222,7 +100,7 @@ async def publish(request: Request) -> Response:
         return _problem(400, str(exc))
     if len(data) + FRAME_OVERHEAD + len(channel) > settings.max_message_bytes:
         return _problem(413, f"frame over MAX_MESSAGE_BYTES ({settings.max_message_bytes})")
-    counters = service.tracker.counters
+    counters = service.counters
     try:
         result = await service.broker.publish(channel, data, idempotency_key)
     except publisher.IdempotencyConflict as exc:
@@ -237,8 +115,8 @@ async def publish(request: Request) -> Response:
     return _JSON(body_doc, status_code=202)
 
 
-def _unavailable(service: Service, channel: str, exc: publisher.PublishError, keyed: bool) -> Response:
-    counters = service.tracker.counters
+def _unavailable(service: Node, channel: str, exc: publisher.PublishError, keyed: bool) -> Response:
+    counters = service.counters
     headers = {"Retry-After": "1"}
     if exc.published is False:
         counters.publish_refused += 1
@@ -278,7 +156,7 @@ def _health_access(request: Request) -> bool | Response:
         return False
     if not auth.lower().startswith("bearer "):
         return _problem(401, "health detail needs Authorization: Bearer <ADMIN_TOKEN>", {"WWW-Authenticate": "Bearer"})
-    token = request.app.state.service.settings.admin_token
+    token = request.app.state.node.settings.admin_token
     if not token:
         return _problem(403, _NO_DETAIL)
     if not hmac.compare_digest(auth[7:].strip().encode(), token.encode()):
@@ -296,16 +174,16 @@ def _health_json(doc: dict[str, Any]) -> Response:
 
 
 async def worker_health(request: Request) -> Response:
-    service: Service = request.app.state.service
+    service: Node = request.app.state.node
     access = _health_access(request)
     if isinstance(access, Response):
         return access
-    doc = health.worker_stats(service)
+    doc = service.stats()
     return _health_json(doc if access else _public(health.public_worker(doc), service.settings))
 
 
 async def cluster_health(request: Request) -> Response:
-    service: Service = request.app.state.service
+    service: Node = request.app.state.node
     access = _health_access(request)
     if isinstance(access, Response):
         return access
@@ -314,7 +192,7 @@ async def cluster_health(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    service: Service = request.app.state.service
+    service: Node = request.app.state.node
     service.metrics.sync()  # this worker's figures fresh; the others' are at most a second old
     # Reading every worker's file is blocking I/O: keep it off the event loop.
     body = await anyio.to_thread.run_sync(service.metrics.render)
@@ -333,8 +211,8 @@ class _App(Starlette):
     @property
     def counters(self) -> Counters:
         """The worker's counters, for the server's protocols (workers/http.py counts its rejections)."""
-        service: Service = self.state.service
-        return service.tracker.counters
+        node: Node = self.state.node
+        return node.counters
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == "/ws":
@@ -365,5 +243,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ],
         lifespan=_lifespan,
     )
-    app.state.service = Service(settings)
+    app.state.node = Node(settings)
     return app

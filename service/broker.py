@@ -26,7 +26,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from service import publisher
-from service.config import Settings
+from service.config import Settings, redact_url
+from service.counters import Counters
 from service.keys import Keys
 from service.publisher import Published
 
@@ -47,6 +48,7 @@ class Broker:
         worker_id: tuple[str, int],
         on_message: Callable[[str, bytes], None],
         on_reconnect: Callable[[], None] | None = None,
+        counters: Counters | None = None,
     ) -> None:
         self._settings = settings
         self._keys = keys
@@ -88,8 +90,7 @@ class Broker:
         self._attempt_started: float | None = None
         self.connected = False
         self.down_since: float | None = time.monotonic()
-        self.reconnects = 0
-        self.canary_misses = 0
+        self.counters = Counters() if counters is None else counters
         self.canary_ok = True
         self.canary_error = ""  # why the last canary was missed, while canary_ok is False
         self.last_error = "not connected yet"
@@ -296,7 +297,7 @@ class Broker:
     def _mark_up(self) -> None:
         if not self.connected:
             if self.ever_connected:
-                self.reconnects += 1
+                self.counters.reconnects += 1
                 down = time.monotonic() - (self.down_since or time.monotonic())
                 log.warning(
                     "Redis pub/sub connection restored after %.2f s; resubscribed %d channels",
@@ -306,7 +307,7 @@ class Broker:
                 if self._on_reconnect is not None:
                     self._on_reconnect()
             else:
-                log.info("Redis pub/sub connected to %s", _redact(self._settings.redis_url))
+                log.info("Redis pub/sub connected to %s", redact_url(self._settings.redis_url))
             self.ever_connected = True
             self._ups += 1
         self.connected = True
@@ -352,7 +353,7 @@ class Broker:
                     # Late is not lost: a worker busy for one interval must not restart a healthy
                     # listener (the restart itself would drop the publications of the gap).
                     continue
-                self.canary_misses += 1
+                self.counters.canary_misses += 1
                 if self.canary_ok:
                     log.warning("canary missed: the pub/sub listener is not delivering; restarting it")
                 self.canary_ok = False
@@ -385,7 +386,7 @@ class Broker:
         self._canary_pending = None
         if not self.connected:
             return  # the listener saw the loss first; its reason says more than this one
-        self.canary_misses += 1
+        self.counters.canary_misses += 1
         if self.canary_ok:
             log.warning("canary not accepted by Redis: %s; reporting degraded until one is back", reason)
         self.canary_ok = False
@@ -400,10 +401,3 @@ class Broker:
             self.canary_ok = True
             self.canary_error = ""
 
-
-def _redact(url: str) -> str:
-    """A Redis URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -33,15 +33,12 @@ from typing import Any, Literal
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from service import codec
-from service.config import CHANNEL_RE
+from service import codec, wire
 from service.ratelog import RateLimitedLog
 
 log = logging.getLogger("wsbroadcast.client")
 _ratelog = RateLimitedLog(log)
 
-CLOSE_POLICY = 1008
-CLOSE_TOKEN_EXPIRED = 3000
 State = Literal["connecting", "connected", "disconnected"]
 
 
@@ -192,8 +189,8 @@ class Subscriber:
 
     def subscribe(self, channel: str, handler: Handler | None = None) -> Subscription:
         """Subscribe at any time; ``handler(data, publication)`` gets each publication once, in order."""
-        if not CHANNEL_RE.fullmatch(channel):
-            raise ValueError(f"invalid channel name {channel!r}: channel names match [A-Za-z0-9_.:-]{{1,128}}")
+        if not wire.is_channel(channel):
+            raise ValueError(f"invalid channel name {channel!r}: {wire.CHANNEL_RULE}")
         position = self._channels.get(channel)
         if position is None:
             position = self._channels[channel] = Position()
@@ -311,10 +308,10 @@ class Subscriber:
         return code, ws.close_reason or ""
 
     async def _after_close(self, code: int, reason: str) -> float | None:
-        if code not in (CLOSE_POLICY, CLOSE_TOKEN_EXPIRED):
+        if code not in (wire.POLICY, wire.TOKEN_EXPIRED.code):
             return None  # 1012 restarting, 1013 full, 4008 slow, 4000 idle, 1006: back off and recover
         await self._emit("error", ServerError("closed", reason, code))
-        if code == CLOSE_TOKEN_EXPIRED and callable(self.token):
+        if code == wire.TOKEN_EXPIRED.code and callable(self.token):
             return None  # the callback gives the next connect a fresh token
         return self._policy_delay()  # the same request would be refused again: no hot loop
 

@@ -8,7 +8,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+from service.wire import CHANNEL_RULE, is_channel
+
+# prometheus-client's own variable: the directory of the workers' multiprocess files.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class SettingsError(ValueError):
@@ -61,12 +64,12 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 
 
 def _channel(raw: str) -> str:
-    if not CHANNEL_RE.fullmatch(raw):
+    if not is_channel(raw):
         raise ValueError
     return raw
 
 
-_channel.__doc__ = "a channel name matching [A-Za-z0-9_.:-]{1,128}"
+_channel.__doc__ = "a channel name: " + CHANNEL_RULE
 
 
 def _text(raw: str) -> str:
@@ -148,8 +151,13 @@ _public_key.__doc__ = (
 )
 
 
+def redact_url(url: str) -> str:
+    """A URL without its password (or whatever stands before ``@``), for logs and documents."""
+    return re.sub(r"://([^@/]*)@", "://***@", url)
+
+
 def _shown_url(raw: str) -> str:
-    return repr(re.sub(r"://([^@/]*)@", "://***@", raw))
+    return repr(redact_url(raw))
 
 
 def _shown_key(raw: str) -> str:

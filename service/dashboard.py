@@ -61,7 +61,7 @@ def _password(header: str) -> str | None:
 
 def _refusal(request: Request) -> Response | None:
     """404 with ADMIN_TOKEN unset, 401 (a Basic challenge) without the right password, else None."""
-    token: str = request.app.state.service.settings.admin_token
+    token: str = request.app.state.node.settings.admin_token
     if not token:
         return Response("Not Found", status_code=404, media_type="text/plain")
     password = _password(request.headers.get("authorization", ""))
@@ -87,7 +87,7 @@ async def page(request: Request) -> Response:
 async def cluster(request: Request) -> Response:
     if (refusal := _refusal(request)) is not None:
         return refusal
-    service = request.app.state.service
+    service = request.app.state.node
     doc = await health.cluster_report(service.broker.redis, service.keys, health.CLUSTER_TIMEOUT)
     # Always 200: a failing cluster is what the page is there to show, not an error to fetch.
     return Response(codec.dumps(doc), media_type="application/json", headers={"Cache-Control": "no-store"})

@@ -17,28 +17,21 @@ from starlette.responses import PlainTextResponse
 from starlette.types import Receive
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from service import codec
-from service.config import CHANNEL_RE
+from service import wire
 from service.gate import CLAIMS_SCOPE_KEY, Claims, TokenError
 from service.history import Position
-from service.outbound import Bounds, DirectOutbound, QueueOutbound, control_message
+from service.outbound import DIRECT_EXTENSION, Bounds, DirectOutbound, QueueOutbound, control_message
 from service.ratelog import RateLimitedLog
 from service.recovery import Recovered
-from service.tracker import CLOSE_SLOW, Connection
+from service.tracker import Connection
 
 if TYPE_CHECKING:
-    from service.app import Service
+    from service.node import Node
 
 log = logging.getLogger("wsbroadcast.endpoint")
 # Every client can subscribe while Redis is down: one line per interval, not one per subscribe.
 _rated = RateLimitedLog(log)
 
-DIRECT_EXTENSION = "wsbroadcast.direct"
-CLOSE_POLICY = 1008
-# The connect token expired unrefreshed (3000 is "Unauthorized" in IANA's registry): reconnect with
-# a fresh token; not a policy violation.
-CLOSE_TOKEN_EXPIRED = 3000
-CLOSE_TRY_AGAIN = 1013
 MAX_ERRORS = 10
 # How a send or receive fails once the client is gone or the connection is closed under us.
 _GONE = (OSError, RuntimeError, WebSocketDisconnect)
@@ -68,7 +61,7 @@ class _RateLimit:
 async def websocket_endpoint(ws: WebSocket, receive: Receive) -> None:
     """Serve one WebSocket; ``receive`` is the server's own (Starlette's wrapper would keep one more
     suspended coroutine alive per idle connection)."""
-    service: Service = ws.app.state.service
+    service: Node = ws.app.state.node
     refusal = await service.gate.check(ws)
     if refusal is not None:
         await _deny(ws, *refusal)
@@ -82,7 +75,7 @@ async def websocket_endpoint(ws: WebSocket, receive: Receive) -> None:
     await _Session(service, ws, receive).run()
 
 
-def _already_closed(code: int, reason: str) -> bool:
+def _already_closed(why: wire.Close) -> bool:
     return False
 
 
@@ -91,13 +84,13 @@ async def _deny(ws: WebSocket, status: int, detail: str, retry_after: int | None
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         await ws.send_denial_response(PlainTextResponse(detail + "\n", status_code=status, headers=headers))
     else:
-        await ws.close(CLOSE_TRY_AGAIN if status == 503 else CLOSE_POLICY, detail)
+        await ws.close(wire.TRY_AGAIN if status == 503 else wire.POLICY, detail)
 
 
 class _Session:
     """One admitted connection, from accept to unregister."""
 
-    def __init__(self, service: Service, ws: WebSocket, receive: Receive) -> None:
+    def __init__(self, service: Node, ws: WebSocket, receive: Receive) -> None:
         self.service = service
         self.ws = ws
         self.receive = receive
@@ -167,18 +160,14 @@ class _Session:
             log.debug("writer of connection %s ended: %r", self.who(), exc)
 
     async def _initial_channels(self) -> bool:
-        raw = self.ws.query_params.get("channels")
-        if raw is None:
-            names = [self.service.settings.default_channel]
-        else:
-            names = list(dict.fromkeys(n for n in raw.split(",") if n))
+        names = wire.channels_param(self.ws.query_params.get("channels"), self.service.settings.default_channel)
         limit = self.service.settings.max_channels_per_connection
         if len(names) > limit:
             await self._fail("too_many_channels", f"at most {limit} channels per connection")
             return False
         for name in names:
-            if not CHANNEL_RE.fullmatch(name):
-                await self._fail("invalid_channel", "channel names match [A-Za-z0-9_.:-]{1,128}")
+            if not wire.is_channel(name):
+                await self._fail("invalid_channel", wire.CHANNEL_RULE)
                 return False
             if not self._may_subscribe(name):
                 await self._fail("forbidden_channel", f"the token does not allow channel {name!r}")
@@ -205,11 +194,11 @@ class _Session:
                 await self._error("binary_not_supported", "send text JSON frames")
             elif len(text) > max_bytes:
                 # Reached only where the server did not enforce ws_max_size itself.
-                self.close(1009, "frame too big")
+                self.close(wire.TOO_BIG)
                 return
             else:
-                op = codec.parse_client_frame(text)
-                if isinstance(op, codec.ClientError):
+                op = wire.parse_client_frame(text)
+                if isinstance(op, wire.ClientError):
                     await self._error(op.code, op.detail)
                 else:
                     await self._apply(op)
@@ -218,9 +207,9 @@ class _Session:
                 await self._fail("too_many_errors", f"closed after {MAX_ERRORS} invalid frames", count=False)
                 return
 
-    async def _apply(self, op: codec.ClientOp) -> None:
+    async def _apply(self, op: wire.ClientOp) -> None:
         if op.op == "ping":
-            await self.ws.send_text(codec.PONG)
+            await self.ws.send_text(wire.PONG)
         elif op.op == "refresh":
             await self._refresh(op.token)
         elif op.op == "subscribe":
@@ -229,8 +218,8 @@ class _Session:
                 # through the outbound path, after the publications queued before it.
                 position = None if op.channel in self.joining else self.service.hub.position(op.channel)
                 if position is not None and self.conn.outbound is not None:
-                    ack = codec.control("subscribed", channel=op.channel, offset=position[0], epoch=position[1])
-                    self.conn.outbound.offer(control_message(op.channel, ack.encode(), *position))
+                    ack = wire.subscribed(op.channel, *position)
+                    self.conn.outbound.offer(control_message(op.channel, ack, *position))
             elif len(self.conn.channels) >= self.service.settings.max_channels_per_connection:
                 limit = self.service.settings.max_channels_per_connection
                 await self._error("too_many_channels", f"at most {limit} channels per connection")
@@ -240,7 +229,7 @@ class _Session:
                 self._join(op.channel, op.since)
         elif op.channel in self.conn.channels:
             self._leave(op.channel)
-            await self.ws.send_text(codec.control("unsubscribed", channel=op.channel))
+            await self.ws.send_text(wire.unsubscribed(op.channel))
         else:
             await self._error("not_subscribed", f"not subscribed to {op.channel!r}")
 
@@ -263,7 +252,7 @@ class _Session:
             return
         self.claims = claims
         self._expire_at(claims.exp)
-        await self.ws.send_text(codec.control("refreshed", exp=claims.exp))
+        await self.ws.send_text(wire.refreshed(claims.exp))
 
     def _expire_at(self, exp: int) -> None:
         if self.expiry is not None:
@@ -274,7 +263,7 @@ class _Session:
 
     def _expired(self) -> None:
         self.expiry = None
-        if self.close(CLOSE_TOKEN_EXPIRED, "token expired"):
+        if self.close(wire.TOKEN_EXPIRED):
             self.service.tracker.counters.token_expired_closed += 1
             _rated.info("token_expired", "connection %s closed 3000: token expired, not refreshed", self.who())
 
@@ -311,19 +300,19 @@ class _Session:
     async def _error(self, code: str, detail: str) -> None:
         self.errors += 1
         self.service.tracker.counters.bad_client_frames += 1
-        await self.ws.send_text(codec.error(code, detail))
+        await self.ws.send_text(wire.error(code, detail))
 
     async def _fail(self, code: str, detail: str, count: bool = True) -> None:
         if count:
             self.service.tracker.counters.bad_client_frames += 1
-        await self.ws.send_text(codec.error(code, detail))
-        self.close(CLOSE_POLICY, detail[:120])
+        await self.ws.send_text(wire.error(code, detail))
+        self.close(wire.policy(detail))
 
     def _slow(self) -> None:
-        if self.close(CLOSE_SLOW, "slow consumer"):
+        if self.close(wire.SLOW):
             self.service.tracker.counters.slow_closed += 1
 
-    def close(self, code: int, reason: str) -> bool:
+    def close(self, why: wire.Close) -> bool:
         """Close this client without awaiting it: safe to call from fan-out and the idle sweep.
 
         True when this call started the close; False when it was already closing.
@@ -334,14 +323,14 @@ class _Session:
         if self.writer is not None:
             self.writer.cancel()
         if self.link is not None:
-            self.link.close(code, reason)
+            self.link.close(why.code, why.reason)
         else:
             # Kept: a task nobody references may be collected before it runs.
-            self.closer = asyncio.get_running_loop().create_task(self._close_asgi(code, reason))
+            self.closer = asyncio.get_running_loop().create_task(self._close_asgi(why))
         return True
 
-    async def _close_asgi(self, code: int, reason: str) -> None:
+    async def _close_asgi(self, why: wire.Close) -> None:
         try:
-            await asyncio.wait_for(self.ws.close(code, reason), timeout=5.0)
+            await asyncio.wait_for(self.ws.close(why.code, why.reason), timeout=5.0)
         except (TimeoutError, *_GONE) as exc:
             log.debug("close of connection %s failed: %r", self.who(), exc)

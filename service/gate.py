@@ -20,7 +20,8 @@ from typing import Any
 import jwt
 from starlette.websockets import WebSocket
 
-from service.config import CHANNEL_RE, Settings, public_key_algorithm
+from service.config import Settings, public_key_algorithm
+from service.wire import channels_param, is_channel
 
 # Where the gate leaves an admitted connection's Claims for the endpoint.
 CLAIMS_SCOPE_KEY = "wsbroadcast.claims"
@@ -48,7 +49,7 @@ def mint_with_key(
 ) -> str:
     """A connect token signed with ``key`` (a secret for HS256, a private key or its PEM for RS256/ES256)."""
     for channel in channels:
-        if channel != "*" and not CHANNEL_RE.fullmatch(channel):
+        if channel != "*" and not is_channel(channel):
             raise TokenError(f"invalid channel name {channel!r}")
     claims: dict[str, Any] = {"channels": channels, "exp": int((time.time() if now is None else now) + ttl)}
     if sub is not None:
@@ -161,9 +162,8 @@ class Gate:
                 return 403, str(exc)
             # The channels asked for at connect are checked here too, so a token that does not
             # cover them is refused before accept; later subscribe ops get an error frame instead.
-            raw = ws.query_params.get("channels")
-            for name in [self._default] if raw is None else raw.split(","):
-                if name and not claims.allows(name):
+            for name in channels_param(ws.query_params.get("channels"), self._default):
+                if not claims.allows(name):
                     return 403, f"the token does not allow channel {name[:128]!r}"
             ws.scope[CLAIMS_SCOPE_KEY] = claims
         return None

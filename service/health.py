@@ -1,4 +1,4 @@
-"""Worker stats, the heartbeat to Redis, and the cluster aggregation.
+"""The heartbeat to Redis, and the cluster aggregation.
 
 The aggregation (``read_cluster`` + ``summarize``) is the one implementation behind both
 ``GET /health/cluster`` and the coordinator script ``scripts/health``.
@@ -11,17 +11,15 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-import psutil
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service import codec
+from service.config import Settings
 from service.keys import Keys
-
-if TYPE_CHECKING:
-    from service.app import Service
 
 log = logging.getLogger("wsbroadcast.health")
 
@@ -38,99 +36,39 @@ def worker_identity() -> tuple[str, int]:
     return socket.gethostname(), os.getpid()
 
 
-def rss_bytes() -> int:
-    return int(psutil.Process().memory_info().rss)
-
-
-def worker_status(service: Service) -> tuple[str, list[str]]:
-    """This worker's status and the reasons for anything but ok."""
-    broker = service.broker
-    reasons = []
-    if not broker.ever_connected:
-        return FAILING, [f"Redis unreachable: {broker.last_error}"]
-    if not broker.connected:
-        reasons.append(f"Redis pub/sub disconnected: {broker.last_error}")
-    elif not broker.canary_ok:
-        reasons.append(f"pub/sub listener missed its canary: {broker.canary_error}")
-    if service.tracker.memory_pressure:
-        reasons.append("memory above the high watermark")
-    return (DEGRADED if reasons else OK), reasons
-
-
-def worker_stats(service: Service) -> dict[str, Any]:
-    """The document served by GET /health and written as the heartbeat."""
-    tracker, settings, broker = service.tracker, service.settings, service.broker
-    status, reasons = worker_status(service)
-    host, pid = service.worker_id
-    doc: dict[str, Any] = {
-        "status": status,
-        "reasons": reasons,
-        "worker": {"host": host, "pid": pid, "id": service.worker_name, "started_at": service.started_at},
-        "ts": time.time(),
-        "heartbeat_interval": settings.heartbeat_interval,
-        "connections": {
-            "current": tracker.current,
-            "peak": tracker.peak,
-            "limit": settings.max_connections,
-            "effective_limit": tracker.effective_limit,
-            "paths": tracker.paths(),
-        },
-        "subscriptions": service.hub.channels(),
-        "queues": {
-            "size": settings.queue_size,
-            "bytes": settings.queue_bytes,
-            "send_buffer_bytes": settings.send_buffer_bytes,
-            "policy": settings.slow_consumer_policy,
-            "depth": tracker.queue_depths(),
-        },
-        "counters": tracker.counters.as_dict(),
-        "history": {
-            "size": settings.history_size,
-            "ttl": settings.history_ttl,
-            **service.recovery.counts(tracker.counters),
-        },
-        "redis": {
-            "connected": broker.connected,
-            "canary_ok": broker.canary_ok,
-            "canary_misses": broker.canary_misses,
-            "reconnects": broker.reconnects,
-            "last_error": broker.last_error if not broker.connected else None,
-            "pool": broker.pool_usage(),
-        },
-        "memory": service.memory.stats(),
-        "settings": settings.public(),
-    }
-    return doc
-
-
-def heartbeat_doc(service: Service) -> dict[str, Any]:
-    """The heartbeat: the worker's stats without the bulky per-connection settings."""
-    doc = worker_stats(service)
-    doc.pop("settings")
-    return doc
-
-
 class Heartbeat:
-    """Writes the worker's stats to ``<prefix>worker:<host>:<pid>`` with a TTL of three intervals."""
+    """Writes the worker's stats to its key (``Keys.worker``) with a TTL of three intervals, early
+    when the worker's status changes, and logs the stats line every STATS_LOG_INTERVAL."""
 
-    def __init__(self, service: Service) -> None:
-        self._service = service
-        self._key = service.keys.worker(*service.worker_id)
-        self._interval = service.settings.heartbeat_interval
-        self._stats_interval = service.settings.stats_log_interval
+    def __init__(
+        self,
+        redis: Redis,
+        key: str,
+        settings: Settings,
+        doc: Callable[[], dict[str, Any]],
+        status: Callable[[], tuple[str, list[str]]],
+        line: Callable[[], str],
+    ) -> None:
+        self._redis = redis
+        self._key = key
+        self._interval = settings.heartbeat_interval
+        self._stats_interval = settings.stats_log_interval
+        self._doc = doc
+        self._status = status
+        self._line = line
 
     async def beat(self) -> None:
-        payload = codec.dumps(heartbeat_doc(self._service))
+        payload = codec.dumps(self._doc())
         ttl_ms = int(self._interval * 3 * 1000)
         # Bounded by the interval: against a stalled Redis the loop must go on watching the
         # status (and try again) instead of waiting for the pool's socket timeout.
         async with asyncio.timeout(self._interval):
-            await self._service.broker.redis.set(self._key, payload, px=ttl_ms)
+            await self._redis.set(self._key, payload, px=ttl_ms)
 
     async def run(self) -> None:
         last_log = time.monotonic()
         while True:
-            status = worker_status(self._service)[0]
+            status = self._status()[0]
             try:
                 await self.beat()
             except (RedisError, OSError) as exc:
@@ -138,35 +76,22 @@ class Heartbeat:
             now = time.monotonic()
             if now - last_log >= self._stats_interval:
                 last_log = now
-                log.info("%s", stats_line(self._service))
+                log.info("%s", self._line())
             # Beat early when the status changes (Redis connects or is lost, a canary is missed,
             # memory pressure): the cluster must not read "failing" for a whole interval after a
             # worker has connected.
             steps = max(1, round(self._interval / STATUS_POLL))
             for _ in range(steps):
                 await asyncio.sleep(self._interval / steps)
-                if worker_status(self._service)[0] != status:
+                if self._status()[0] != status:
                     break
 
     async def remove(self) -> None:
         try:
             async with asyncio.timeout(min(self._interval, REMOVE_TIMEOUT)):
-                await self._service.broker.redis.delete(self._key)
+                await self._redis.delete(self._key)
         except (RedisError, OSError) as exc:
             log.warning("heartbeat key %s not deleted: %r (it expires by TTL)", self._key, exc)
-
-
-def stats_line(service: Service) -> str:
-    tracker = service.tracker
-    c = tracker.counters
-    depth = tracker.queue_depths()
-    return (
-        f"stats worker={service.worker_name} connections={tracker.current} peak={tracker.peak} "
-        f"limit={tracker.effective_limit} rss_mb={rss_bytes() / 1048576:.1f} "
-        f"queue_frames_max={depth['frames_max']} queue_bytes_total={depth['bytes_total']} "
-        f"delivered={c.delivered} dropped={c.dropped} slow_closed={c.slow_closed} "
-        f"idle_closed={c.idle_closed} refused={c.refused}"
-    )
 
 
 # --- the cluster ---------------------------------------------------------------------------------

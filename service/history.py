@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from service.keys import Keys
+from service.wire import CHANNEL_RULE
 
 LIBRARY = "wsbroadcast"
 
@@ -70,7 +71,7 @@ redis.register_function('wsb_publish', function(keys, args)
     end
   end
   if #channel > 128 or not string.match(channel, '^[%w_.:-]+$') then
-    return redis.error_reply('ERR wsbroadcast: channel names match [A-Za-z0-9_.:-]{1,128}')
+    return redis.error_reply('ERR wsbroadcast: __CHANNEL_RULE__')
   end
   if not pcall(cjson.decode, data) then
     return redis.error_reply('ERR wsbroadcast: data is not valid JSON')
@@ -116,7 +117,7 @@ redis.register_function{function_name='wsb_range', flags={'no-writes'}, callback
   return out
 end}
 """
-LUA = _SOURCE.replace("__VERSION__", str(VERSION))
+LUA = _SOURCE.replace("__VERSION__", str(VERSION)).replace("__CHANNEL_RULE__", CHANNEL_RULE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from service import codec
+from service import wire
+from service.counters import Counters
 from service.outbound import Message, Outbound
 
 # A batch is flushed early at this many publications or bytes (or a quarter of a connection's
@@ -85,6 +86,7 @@ class Hub:
         queue_bytes: int = 4 * MAX_BATCH_BYTES,
         on_hole: Callable[[str, int, str], None] | None = None,
         recent_size: int = 100,
+        counters: Counters | None = None,
     ) -> None:
         self._max_batch = max(1, min(MAX_BATCH, queue_frames // 4))
         self._max_batch_bytes = max(1, min(MAX_BATCH_BYTES, queue_bytes // 4))
@@ -102,9 +104,7 @@ class Hub:
         self._recent_size = recent_size
         self._recent_bytes_max = max(1, min(RECENT_BYTES_TOTAL, queue_bytes))
         self._recent_total = 0
-        self.duplicates = 0  # publications dropped as already delivered
-        self.gaps = 0  # gap frames offered to connections
-        self.holes = 0  # holes detected
+        self.counters = Counters() if counters is None else counters
 
     # --- listeners -------------------------------------------------------------------------------
 
@@ -201,7 +201,7 @@ class Hub:
         """A publication that does not simply follow the last one accepted."""
         payload.decode()  # refuse a non-UTF-8 payload now, as for one delivered at once
         if epoch == state.epoch and offset <= state.offset:
-            self.duplicates += 1
+            self.counters.duplicates += 1
             return
         state.held[(epoch, offset)] = payload
         if state.epoch is None or state.filling:
@@ -256,7 +256,7 @@ class Hub:
                 self._gap(channel, state, 0, epoch)
                 top = -1
             if offset <= state.offset:
-                self.duplicates += 1
+                self.counters.duplicates += 1
                 continue
             if offset != state.offset + 1 and state.offset < top:
                 self._gap(channel, state, int(min(top, offset - 1)), epoch)
@@ -271,7 +271,7 @@ class Hub:
 
     def _start_fill(self, channel: str, state: _Channel) -> None:
         assert state.epoch is not None
-        self.holes += 1
+        self.counters.holes += 1
         state.filling = True
         if self._on_hole is not None:
             self._on_hole(channel, state.offset, state.epoch)
@@ -285,8 +285,8 @@ class Hub:
         if state.recent is not None:
             self._drop_recent(state)
             state.recent = deque()  # what precedes a gap is not recoverable from here
-        self.gaps += len(state.listeners)
-        frame = codec.control("gap", channel=channel, offset=offset, epoch=epoch).encode()
+        self.counters.gaps_sent += len(state.listeners)
+        frame = wire.gap(channel, offset, epoch)
         self._enqueue(channel, frame, offset, epoch)
 
     def _enqueue(self, channel: str, payload: bytes, offset: int | None = None, epoch: str | None = None) -> None:

@@ -133,7 +133,6 @@ class MemoryMonitor:
         self.rss = self._read_rss()
         self.baseline = self.rss
         self.pressure = False
-        self.alerts = 0
         self.trims = 0
         self._high_since_trim = 0
         self._trim_again_at: float | None = None
@@ -185,7 +184,7 @@ class MemoryMonitor:
         high = self.limit * self.watermark
         if not self.pressure and rss > high:
             self.pressure = True
-            self.alerts += 1
+            self._tracker.counters.memory_alerts += 1
             log.warning(
                 "memory pressure: RSS %.1f MB is above %.0f%% of the %.1f MB limit (%s); "
                 "refusing new connections",

@@ -1,6 +1,6 @@
 """Prometheus metrics: the worker's figures, exposed at GET /metrics across the host's workers.
 
-The hot path never touches Prometheus: it bumps the plain ints of ``tracker.Counters``, and
+The hot path never touches Prometheus: it bumps the plain ints of ``service.counters.Counters``, and
 ``Metrics.run`` copies them into Prometheus counters (by the delta) once a second, together with
 the gauges. The one exception is the fan-out latency histogram, observed once per message per
 worker (never per connection) through ``Hub.on_fanout``.
@@ -23,101 +23,32 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.config import MULTIPROC_ENV
+from service.counters import Counters, series
 from service.outbound import Message
 
 if TYPE_CHECKING:
-    from service.app import Service
+    from service.broker import Broker
+    from service.memory import MemoryMonitor
+    from service.tracker import Tracker
 
 log = logging.getLogger("wsbroadcast.metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SYNC_INTERVAL = 1.0
 # From a single connection on an idle worker (~10 us) to a 5000-connection fan-out on a busy one.
 LATENCY_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
-# tracker.Counters field -> (Prometheus counter name, label values or ()).
-_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "accepted": ("connections_accepted", ()),
-    "refused_full": ("connections_refused", ("full",)),
-    "refused_memory": ("connections_refused", ("memory",)),
-    "idle_closed": ("connections_closed", ("idle",)),
-    "slow_closed": ("connections_closed", ("slow_consumer",)),
-    "abuse_closed": ("connections_closed", ("abuse",)),
-    "token_expired_closed": ("connections_closed", ("token_expired",)),
-    "delivered": ("frames_delivered", ()),
-    "dropped": ("frames_dropped", ()),
-    "published_http": ("publishes_received", ("http",)),
-    "received_redis": ("publishes_received", ("redis",)),
-    "invalid_payloads": ("invalid_publications", ()),
-    "bad_client_frames": ("client_frames_rejected", ()),
-    "reconnects": ("redis_reconnects", ()),
-    "canary_misses": ("redis_canary_misses", ()),
-    "memory_alerts": ("memory_pressure_alerts", ()),
-    "publish_refused": ("publish_failures", ("false",)),
-    "publish_unknown": ("publish_failures", ("unknown",)),
-    "publish_replays": ("publish_replays", ()),
-    "recovered": ("recoveries", ("true",)),
-    "not_recovered": ("recoveries", ("false",)),
-    "gaps_sent": ("gaps_sent", ()),
-    "holes": ("holes", ()),
-    "holes_filled": ("holes_filled", ()),
-    "history_reads": ("history_reads", ()),
-    "duplicates": ("duplicate_publications", ()),
-    "http_rejected_headers_too_big": ("http_rejected", ("headers_too_big",)),
-    "http_rejected_head_timeout": ("http_rejected", ("head_timeout",)),
-    "http_rejected_body_timeout": ("http_rejected", ("body_timeout",)),
-    "http_rejected_handshakes_full": ("http_rejected", ("handshakes_full",)),
-    "http_rejected_fds": ("http_rejected", ("fds",)),
-}
-
-_COUNTER_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
-    "recoveries": ("Subscriptions with since, by outcome: true (recovered), false (told to reload)", ("recovered",)),
-    "gaps_sent": ("Gap frames sent: publications lost to a connection, announced (drop-oldest, history too short, "
-                  "Redis lost the channel)", ()),
-    "holes": ("Publications missing between Redis and a worker (an offset skipped ahead, a reconnect)", ()),
-    "holes_filled": ("History reads that filled a worker's hole", ()),
-    "history_reads": ("Reads of a channel's history in Redis (holes and recoveries, coalesced per channel)", ()),
-    "duplicate_publications": ("Publications a worker dropped as already delivered (history and live overlap)", ()),
-    "connections_accepted": ("WebSocket connections accepted", ()),
-    "connections_refused": ("WebSocket handshakes refused with 503, by reason (full, memory)", ("reason",)),
-    "connections_closed": (
-        "Connections closed by the server, by reason (idle, slow_consumer, abuse, token_expired)",
-        ("reason",),
-    ),
-    "frames_delivered": ("Publication frames handed to a client's socket", ()),
-    "frames_dropped": ("Publication frames dropped by the drop-oldest slow-consumer policy", ()),
-    "publishes_received": (
-        "Publications received, by source: http (POST /publish answered here), redis (arrived from pub/sub)",
-        ("source",),
-    ),
-    "invalid_publications": (
-        "Publications from Redis dropped: too big, not UTF-8 JSON, or not an object naming their channel",
-        (),
-    ),
-    "client_frames_rejected": ("Client frames answered with an error frame", ()),
-    "redis_reconnects": ("Times the Redis pub/sub connection was restored", ()),
-    "redis_canary_misses": ("Listener canaries Redis did not accept in time or that did not come back", ()),
-    "memory_pressure_alerts": ("Times a worker crossed its memory high watermark", ()),
-    "publish_failures": (
-        "POST /publish answered 503, by whether it was published: false (surely not), unknown (sent, unanswered)",
-        ("published",),
-    ),
-    "publish_replays": ("POST /publish answered with the first result of its Idempotency-Key", ()),
-    "http_rejected": (
-        "HTTP requests and handshakes refused by the protocol limits, by reason "
-        "(headers_too_big 431, head_timeout 408, body_timeout 408, handshakes_full 503, fds 503)",
-        ("reason",),
-    ),
-}
-
-
 class Metrics:
     """One worker's Prometheus figures, kept in step with the plain counters by ``sync``."""
 
-    def __init__(self, service: Service) -> None:
-        self._service = service
+    def __init__(self, counters: Counters, tracker: Tracker, memory: MemoryMonitor, broker: Broker) -> None:
+        self._counters_now = counters
+        self._tracker = tracker
+        self._memory = memory
+        self._broker = broker
+        self._series = series()
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         if self.multiprocess and prometheus_values.ValueClass is prometheus_values.MutexValue:
             # prometheus-client picks its value class once, at import: imported before the variable
@@ -130,16 +61,18 @@ class Metrics:
         # in one process (tests) from colliding in the global one.
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        families = {family.name: family for _, family, _ in self._series}
         self._counters = {
-            name: Counter(f"wsbroadcast_{name}", text, labels, registry=r)
-            for name, (text, labels) in _COUNTER_HELP.items()
+            name: Counter(f"wsbroadcast_{name}", f.help, () if f.label is None else (f.label,), registry=r)
+            for name, f in families.items()
         }
-        for name, labels in _COUNTERS.values():
-            if labels:
-                # Every known label value shows from the start (at 0), so rate() and alerts see
-                # a series before its first event.
-                self._counters[name].labels(*labels)
-        self._last: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._children: dict[str, Counter] = {}
+        for field, family, value in self._series:
+            counter = self._counters[family.name]
+            # Every known label value shows from the start (at 0), so rate() and alerts see a
+            # series before its first event.
+            self._children[field] = counter if value is None else counter.labels(value)
+        self._last: dict[str, int] = {field: 0 for field, _, _ in self._series}
         self.fanout_latency = Histogram(
             "wsbroadcast_fanout_latency_seconds",
             "From a publication's arrival at a worker to its hand-off to the last local connection "
@@ -183,48 +116,16 @@ class Metrics:
         """Hub.on_fanout: one observation per message per worker."""
         self.fanout_latency.observe(perf_counter() - message.arrived)
 
-    def _current(self) -> dict[str, int]:
-        service = self._service
-        c = service.tracker.counters
-        return {
-            "accepted": c.accepted,
-            "refused_full": c.refused - c.refused_memory,
-            "refused_memory": c.refused_memory,
-            "idle_closed": c.idle_closed,
-            "slow_closed": c.slow_closed,
-            "abuse_closed": c.abuse_closed,
-            "token_expired_closed": c.token_expired_closed,
-            "delivered": c.delivered,
-            "dropped": c.dropped,
-            "published_http": c.published_http,
-            "received_redis": c.received_redis,
-            "invalid_payloads": c.invalid_payloads,
-            "bad_client_frames": c.bad_client_frames,
-            "reconnects": service.broker.reconnects,
-            "canary_misses": service.broker.canary_misses,
-            "memory_alerts": service.memory.alerts,
-            "publish_refused": c.publish_refused,
-            "publish_unknown": c.publish_unknown,
-            "publish_replays": c.publish_replays,
-            **service.recovery.counts(c),
-            "http_rejected_headers_too_big": c.http_rejected_headers_too_big,
-            "http_rejected_head_timeout": c.http_rejected_head_timeout,
-            "http_rejected_body_timeout": c.http_rejected_body_timeout,
-            "http_rejected_handshakes_full": c.http_rejected_handshakes_full,
-            "http_rejected_fds": c.http_rejected_fds,
-        }
-
     def sync(self) -> None:
         """Copy the plain counters (by their growth since the last sync) and set the gauges."""
-        for field, value in self._current().items():
+        now = self._counters_now
+        for field, child in self._children.items():
+            value = getattr(now, field)
             delta = value - self._last[field]
             if delta > 0:
-                name, labels = _COUNTERS[field]
-                counter = self._counters[name]
-                (counter.labels(*labels) if labels else counter).inc(delta)
+                child.inc(delta)
                 self._last[field] = value
-        service = self._service
-        tracker, memory = service.tracker, service.memory
+        tracker, memory, broker = self._tracker, self._memory, self._broker
         depth = tracker.queue_depths()
         current = tracker.current
         pressure = 1 if tracker.memory_pressure else 0
@@ -239,8 +140,8 @@ class Metrics:
         self.worker_rss.set(memory.rss)
         self.worker_memory_limit.set(memory.limit)
         self.worker_pressure.set(pressure)
-        self.worker_pool.set(service.broker.pool_usage()["in_use"])
-        self.worker_redis_up.set(1 if service.broker.connected else 0)
+        self.worker_pool.set(broker.pool_usage()["in_use"])
+        self.worker_redis_up.set(1 if broker.connected else 0)
 
     async def run(self, interval: float = SYNC_INTERVAL) -> None:
         try:

@@ -20,8 +20,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from service import codec
-from service.tracker import Counters
+from service import wire
+from service.counters import Counters
+
+# The scope extension through which our WebSocket protocol (workers.protocol) offers a DirectLink.
+DIRECT_EXTENSION = "wsbroadcast.direct"
 
 
 def ws_text_frame(payload: bytes) -> bytes:
@@ -73,8 +76,7 @@ def control_message(channel: str, frame: bytes, offset: int, epoch: str) -> Mess
 
 def gap_message(channel: str, offset: int, epoch: str) -> Message:
     """The gap frame that tells one connection it lost the publications of ``channel`` up to ``offset``."""
-    message = control_message(channel, codec.control("gap", channel=channel, offset=offset, epoch=epoch).encode(),
-                              offset, epoch)
+    message = control_message(channel, wire.gap(channel, offset, epoch), offset, epoch)
     message.gap = True
     return message
 

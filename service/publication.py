@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from service.config import CHANNEL_RE
+from service.wire import CHANNEL_RULE, is_channel
 
 # Data may nest this deep, so that its frame (one level more) is within what orjson can serialize:
 # every tool built on our codec can re-encode any frame we deliver.
@@ -33,7 +33,6 @@ _FAST = re.compile(
 )
 _DECODER = json.JSONDecoder()
 _SHAPE = 'body must be a JSON object with exactly "channel" and "data"'
-CHANNEL_RULE = "channel names match [A-Za-z0-9_.:-]{1,128}"
 
 
 class InvalidPublication(ValueError):
@@ -72,7 +71,7 @@ def _walk(body: bytes) -> tuple[str, bytes]:
     if not isinstance(doc, dict) or set(doc) != {"channel", "data"}:
         raise InvalidPublication(_SHAPE)
     channel = doc["channel"]
-    if not isinstance(channel, str) or not CHANNEL_RE.fullmatch(channel):
+    if not isinstance(channel, str) or not is_channel(channel):
         raise InvalidPublication(CHANNEL_RULE)
     # Before raw_decode, whose recursion limit is below orjson's.
     _check_depth(body, doc["data"])

@@ -31,9 +31,10 @@ from redis.connection import ConnectionPool
 from redis.exceptions import RedisError, ResponseError
 
 from service import history
-from service.config import CHANNEL_RE, Settings
+from service.config import Settings
 from service.keys import Keys
-from service.publication import CHANNEL_RULE, InvalidPublication, check_data
+from service.publication import InvalidPublication, check_data
+from service.wire import CHANNEL_RULE, is_channel
 
 IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,200}")
 IDEMPOTENCY_KEY_RULE = "Idempotency-Key must be 1-200 printable ASCII characters"
@@ -100,7 +101,7 @@ def check_key(idempotency_key: str | None) -> None:
 
 def _prepare(channel: str, data: bytes | str, settings: Settings | None, prefix: str | None,
              key: str | None) -> _Command:
-    if not CHANNEL_RE.fullmatch(channel):
+    if not is_channel(channel):
         raise InvalidPublication(CHANNEL_RULE)
     check_key(key)
     raw = check_data(data.encode() if isinstance(data, str) else data)

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from service import codec
+from service import wire
 from service.history import History, Position, Range
 from service.hub import Hub
 from service.outbound import Message, Outbound, control_message
 from service.ratelog import RateLimitedLog
-from service.tracker import Counters
 
 log = logging.getLogger("wsbroadcast.recovery")
 
@@ -54,15 +53,12 @@ class Recovery:
     def __init__(self, history: History, hub: Hub) -> None:
         self._history = history
         self._hub = hub
+        self._counters = hub.counters
         self._limit = asyncio.Semaphore(CONCURRENT_READS)
         self._reads: dict[str, list[tuple[Position, asyncio.Task[Range]]]] = {}
         self._positions: dict[str, asyncio.Task[Position]] = {}
         self._fills: set[asyncio.Task[None]] = set()
         self._log = RateLimitedLog(log)
-        self.reads = 0
-        self.holes_filled = 0
-        self.recovered = 0
-        self.not_recovered = 0
 
     # --- positions -------------------------------------------------------------------------------
 
@@ -126,9 +122,9 @@ class Recovery:
 
     def _answer(self, frames: list[tuple[int, bytes]], recovered: bool, offset: int, epoch: str) -> Recovered:
         if recovered:
-            self.recovered += 1
+            self._counters.recovered += 1
         else:
-            self.not_recovered += 1
+            self._counters.not_recovered += 1
         return Recovered(frames, recovered, offset, epoch)
 
     async def join(
@@ -161,10 +157,7 @@ class Recovery:
                 self._log.warning("join", "subscription to %r waits for Redis: %s", channel, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, FILL_BACKOFF_CAP)
-        fields: dict[str, object] = {"channel": channel, "offset": got.offset, "epoch": got.epoch}
-        if since is not None:
-            fields["recovered"] = got.recovered
-        ack = codec.control("subscribed", **fields).encode()
+        ack = wire.subscribed(channel, got.offset, got.epoch, got.recovered if since is not None else None)
         frames = got.frames
         for start in range(0, len(frames), RECOVERY_BATCH):
             batch = frames[start : start + RECOVERY_BATCH]
@@ -172,19 +165,6 @@ class Recovery:
         outbound.offer(control_message(channel, ack, got.offset, got.epoch))
         self._hub.activate(channel, outbound)
         return got
-
-    def counts(self, counters: Counters) -> dict[str, int]:
-        """The figures of offsets and recovery, as /health and /metrics show them."""
-        hub = self._hub
-        return {
-            "recovered": self.recovered,
-            "not_recovered": self.not_recovered,
-            "gaps_sent": hub.gaps + counters.gaps_sent,
-            "holes": hub.holes,
-            "holes_filled": self.holes_filled,
-            "history_reads": self.reads,
-            "duplicates": hub.duplicates,
-        }
 
     # --- holes -----------------------------------------------------------------------------------
 
@@ -226,10 +206,10 @@ class Recovery:
             if check:
                 # A reconnect's check found a hole only if Redis is past what the worker accepted.
                 missed = got.position != since
-                self._hub.holes += missed
-                self.holes_filled += missed
+                self._counters.holes += missed
+                self._counters.holes_filled += missed
             else:
-                self.holes_filled += 1
+                self._counters.holes_filled += 1
             self._hub.fill(channel, got.position.epoch, got.position.offset, got.frames)
             return
         # Redis could not be read for a long while: what is missing is announced as lost.
@@ -265,7 +245,7 @@ class Recovery:
 
     async def _read_now(self, channel: str, since: Position) -> Range:
         async with self._limit:
-            self.reads += 1
+            self._counters.history_reads += 1
             return await self._history.read(channel, since)
 
 

@@ -1,4 +1,4 @@
-"""The per-worker connection tracker: the limit, the idle sweep, the counters."""
+"""The per-worker connection tracker: the limit, the idle sweep."""
 
 from __future__ import annotations
 
@@ -6,47 +6,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
+
+from service import wire
+from service.counters import Counters
 
 if TYPE_CHECKING:
     from service.outbound import Outbound
 
 log = logging.getLogger("wsbroadcast.tracker")
-
-CLOSE_IDLE = 4000
-CLOSE_SLOW = 4008
-
-
-@dataclass
-class Counters:
-    """Monotonic per-worker counters; plain ints because the hot path bumps them."""
-
-    accepted: int = 0
-    refused: int = 0
-    refused_memory: int = 0
-    idle_closed: int = 0
-    slow_closed: int = 0
-    delivered: int = 0
-    dropped: int = 0
-    gaps_sent: int = 0
-    published_http: int = 0
-    received_redis: int = 0
-    invalid_payloads: int = 0
-    bad_client_frames: int = 0
-    abuse_closed: int = 0
-    publish_refused: int = 0
-    publish_unknown: int = 0
-    publish_replays: int = 0
-    token_expired_closed: int = 0
-    http_rejected_headers_too_big: int = 0
-    http_rejected_head_timeout: int = 0
-    http_rejected_body_timeout: int = 0
-    http_rejected_handshakes_full: int = 0
-    http_rejected_fds: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 class Connection:
@@ -54,12 +22,12 @@ class Connection:
 
     __slots__ = ("channels", "close", "id", "last_received", "outbound")
 
-    def __init__(self, conn_id: int, close: Callable[[int, str], bool]) -> None:
+    def __init__(self, conn_id: int, close: Callable[[wire.Close], bool]) -> None:
         self.id = conn_id
         self.channels: set[str] = set()
         self.outbound: Outbound | None = None
         self.last_received = time.monotonic()
-        # Closes the client with a code and reason without awaiting it (set by the endpoint);
+        # Closes the client without awaiting it (set by the endpoint);
         # returns False when the connection was already closing.
         self.close = close
 
@@ -72,13 +40,19 @@ class Tracker:
     per connection is touched to know it.
     """
 
-    def __init__(self, max_connections: int, idle_timeout: float, last_publish: Callable[[str], float]) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        idle_timeout: float,
+        last_publish: Callable[[str], float],
+        counters: Counters | None = None,
+    ) -> None:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self._last_publish = last_publish
         self.connections: dict[int, Connection] = {}
         self.peak = 0
-        self.counters = Counters()
+        self.counters = Counters() if counters is None else counters
         self._next_id = 0
         # Set by the memory monitor: the connection limit the memory allows, and whether new
         # connections are refused for memory pressure.
@@ -109,7 +83,7 @@ class Tracker:
             return "full"
         return None
 
-    def admit(self, close: Callable[[int, str], bool]) -> Connection:
+    def admit(self, close: Callable[[wire.Close], bool]) -> Connection:
         self._next_id += 1
         conn = Connection(self._next_id, close)
         self.connections[conn.id] = conn
@@ -119,9 +93,10 @@ class Tracker:
         return conn
 
     def refuse(self, reason: str) -> None:
-        self.counters.refused += 1
         if reason == "memory":
             self.counters.refused_memory += 1
+        else:
+            self.counters.refused_full += 1
 
     def remove(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)
@@ -141,7 +116,7 @@ class Tracker:
     def sweep(self) -> int:
         idle = self.idle_connections()
         # Only closes this sweep started count: one already closing stays listed until it is gone.
-        closed = sum(1 for conn in idle if conn.close(CLOSE_IDLE, "idle timeout"))
+        closed = sum(1 for conn in idle if conn.close(wire.IDLE))
         self.counters.idle_closed += closed
         if closed:
             log.info("closed %d idle connections", closed)

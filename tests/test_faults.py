@@ -628,7 +628,7 @@ async def test_connection_storm_is_refused_fast_and_accepted_clients_unaffected(
         await async_wait_until(all_got_it, 10, what="every accepted client to get the publication")
         health = service.get("/health").json()
         assert health["connections"]["current"] == 5
-        assert health["counters"]["refused"] == 60
+        assert health["counters"]["refused_full"] == 60
         for r in accepted:
             await r.stop()
 

@@ -37,7 +37,7 @@ async def test_publications_in_order_pass_and_duplicates_are_dropped() -> None:
     w.publish(1, 2, 2, 1, 3)
     await asyncio.sleep(0)
     assert w.out.seen() == [1, 2, 3]
-    assert w.hub.duplicates == 2 and w.holes == []
+    assert w.hub.counters.duplicates == 2 and w.holes == []
 
 
 async def test_a_parked_listener_receives_nothing_until_activated_then_everything_after_its_position() -> None:
@@ -76,7 +76,7 @@ async def test_a_hole_is_read_once_and_filled_before_what_followed_it() -> None:
     w.publish(7)
     await asyncio.sleep(0)
     assert w.out.seen() == [1, 2, 3, 4, 5, 6, 7]
-    assert w.hub.holes == 1 and w.hub.gaps == 0
+    assert w.hub.counters.holes == 1 and w.hub.counters.gaps_sent == 0
 
 
 async def test_what_the_history_no_longer_holds_is_one_gap_then_delivery_goes_on() -> None:
@@ -85,7 +85,7 @@ async def test_what_the_history_no_longer_holds_is_one_gap_then_delivery_goes_on
     w.hub.fill("c", "E", 6, [(4, _frame(4)), (5, _frame(5)), (6, _frame(6))])
     await asyncio.sleep(0)
     assert w.out.seen() == [1, ("gap", 3, "E"), 4, 5, 6]
-    assert w.hub.gaps == 1
+    assert w.hub.counters.gaps_sent == 1
 
 
 async def test_publications_lost_while_a_hole_is_read_make_another_read() -> None:
@@ -119,7 +119,7 @@ async def test_a_reconnect_check_delivers_what_the_worker_missed_without_a_gap()
     w.publish(4)  # held while the read is under way
     w.hub.fill("c", "E", 3, [(2, _frame(2)), (3, _frame(3))])
     await asyncio.sleep(0)
-    assert w.out.seen() == [1, 2, 3, 4] and w.hub.gaps == 0
+    assert w.out.seen() == [1, 2, 3, 4] and w.hub.counters.gaps_sent == 0
 
 
 async def test_frames_without_an_offset_pass_as_they_are() -> None:
@@ -138,4 +138,4 @@ async def test_a_hole_held_past_its_bound_is_given_up_as_a_gap(monkeypatch: Any)
     w.hub.fill("c", "E", 6, [(2, _frame(2))])  # the read that came too late changes nothing
     w.publish(7)
     await asyncio.sleep(0)
-    assert w.out.seen()[-1] == 7 and w.hub.duplicates == 0
+    assert w.out.seen()[-1] == 7 and w.hub.counters.duplicates == 0

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from scripts.redis_server import PrivateRedis
-from service import codec
+from service import wire
 from tests.support import Service, recv_ack, recv_json, recv_publication, subscribe_client, wait_until
 
 MAX_BYTES = 4096
@@ -281,9 +281,9 @@ _any_text = st.text(alphabet=st.characters(codec=None, exclude_categories=()), m
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(_any_text, _frames, _json_values.map(_dumps)))
 def test_parse_client_frame_never_raises(text: str) -> None:
-    result = codec.parse_client_frame(text)
-    assert isinstance(result, codec.ClientOp | codec.ClientError)
-    if isinstance(result, codec.ClientOp):
+    result = wire.parse_client_frame(text)
+    assert isinstance(result, wire.ClientOp | wire.ClientError)
+    if isinstance(result, wire.ClientOp):
         assert result.op in ("subscribe", "unsubscribe", "ping")
     else:
         assert result.code and result.detail
@@ -294,4 +294,4 @@ def test_parse_client_frame_never_raises(text: str) -> None:
     ["\ud800", '{"op":"\ud800"}', "[" * 5000 + "]" * 5000, '{"op":"subscribe","channel":"\x00"}', "", " ", "\x00"],
 )
 def test_parse_client_frame_edge_cases(text: str) -> None:
-    assert isinstance(codec.parse_client_frame(text), codec.ClientError)
+    assert isinstance(wire.parse_client_frame(text), wire.ClientError)

@@ -45,7 +45,7 @@ async def test_fourth_handshake_is_refused_with_503(redis_server: PrivateRedis) 
             assert await recv_publication(ws) == {"channel": "a", "data": "still served"}
         health = service.get("/health").json()
         assert health["connections"]["current"] == 3
-        assert health["counters"]["refused"] == 1
+        assert health["counters"]["refused_full"] == 1
         # A slot freed is a slot offered again.
         await clients.pop().close()
         await async_wait_until(

@@ -127,7 +127,7 @@ def test_pressure_is_alerted_once_and_recovers_when_memory_is_freed(caplog: pyte
         monitor.check()  # checks while above the watermark: one alert, not one per check
     assert monitor.pressure and tracker.memory_pressure
     assert tracker.refusal() == "memory"
-    assert monitor.alerts == 1
+    assert tracker.counters.memory_alerts == 1
     lines = _pressure_lines(caplog)
     assert len(lines) == 1 and lines[0].startswith("memory pressure: RSS") and "MEMORY_LIMIT" in lines[0]
     assert monitor.stats()["pressure"] is True
@@ -139,7 +139,7 @@ def test_pressure_is_alerted_once_and_recovers_when_memory_is_freed(caplog: pyte
     assert tracker.refusal() is None
     lines = _pressure_lines(caplog)
     assert len(lines) == 2 and lines[1].startswith("memory pressure over")
-    assert monitor.alerts == 1
+    assert tracker.counters.memory_alerts == 1
 
 
 def test_raising_the_limit_recovers_only_below_the_hysteresis_band(caplog: pytest.LogCaptureFixture) -> None:
@@ -172,7 +172,7 @@ def test_effective_limit_follows_the_measured_memory_per_connection() -> None:
     # Connections that each hold 512 KiB: the monitor measures that above the baseline.
     held = []
     for _ in range(MEASURE_FROM + 10):
-        tracker.admit(lambda _code, _reason: True)
+        tracker.admit(lambda _why: True)
         held.append(_touched(512 * 1024))
     monitor.check()
     per_connection = monitor.per_connection()
@@ -189,7 +189,7 @@ def test_effective_limit_follows_the_measured_memory_per_connection() -> None:
 def test_heap_is_trimmed_when_connections_leave_and_again_after_the_close_timeout() -> None:
     tracker = Tracker(1000, 900.0, lambda _channel: 0.0)
     monitor = MemoryMonitor(Settings(), tracker)
-    conns = [tracker.admit(lambda _code, _reason: True) for _ in range(40)]
+    conns = [tracker.admit(lambda _why: True) for _ in range(40)]
     monitor.check()
     assert monitor.trims == 0
     for conn in conns[:5]:  # fewer than max(10, 5% of the peak): not worth a trim yet

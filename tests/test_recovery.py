@@ -77,7 +77,7 @@ async def test_the_worker_fills_a_hole_from_the_history_before_what_followed(red
     epoch = await w.publish(5)
     w.deliver(1, 4, 5, epoch=epoch)  # 2 and 3 were lost between Redis and the worker
     await _settled(w.out, [1, 2, 3, 4, 5])
-    assert w.recovery.holes_filled == 1 and w.hub.gaps == 0
+    assert w.hub.counters.holes_filled == 1 and w.hub.counters.gaps_sent == 0
 
 
 async def test_after_a_reconnect_the_worker_reads_what_it_missed(redis: Redis) -> None:
@@ -106,7 +106,7 @@ async def test_two_thousand_clients_recovering_one_channel_cost_a_handful_of_rea
     assert all(r.recovered and r.offset == 20 and r.epoch == epoch for r in results)
     for n, result in enumerate(results):
         assert [offset for offset, _ in result.frames] == list(range(11 + n % 5, 21))
-    assert w.recovery.reads <= 3, w.recovery.reads
+    assert w.hub.counters.history_reads <= 3, w.hub.counters.history_reads
 
 
 async def test_a_client_too_far_behind_or_of_another_epoch_is_told_it_did_not_recover(redis: Redis) -> None:
@@ -155,4 +155,4 @@ async def test_clients_too_far_behind_cost_one_read_not_one_each(redis: Redis) -
     assert all(not r.recovered and r.frames == [] and r.offset == 10 for r in behind)
     near = await w.recovery.recover("c", Position(8, epoch))
     assert near.recovered and [o for o, _ in near.frames] == [9, 10]
-    assert w.recovery.reads <= 2, w.recovery.reads
+    assert w.hub.counters.history_reads <= 2, w.hub.counters.history_reads

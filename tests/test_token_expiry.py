@@ -11,7 +11,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from scripts.redis_server import PrivateRedis
-from service.endpoint import CLOSE_TOKEN_EXPIRED
+from service import wire
 from service.gate import mint_token, verify_claims
 from tests.support import Service, recv_ack, recv_acks, recv_json, recv_publication, wait_until
 
@@ -49,7 +49,7 @@ async def test_a_connection_is_closed_3000_when_its_token_expires(service: Servi
     assert service.publish("news", "before").status_code == 202
     assert await recv_publication(ws, 10) == {"channel": "news", "data": "before"}
     code, reason, closed_at = await _closed(ws)
-    assert (code, reason) == (CLOSE_TOKEN_EXPIRED, "token expired") == (3000, "token expired")
+    assert wire.Close(code, reason) == wire.TOKEN_EXPIRED == wire.Close(3000, "token expired")
     assert closed_at >= exp - 0.2  # not before the token's exp (clock granularity aside)
     counters = wait_until(
         lambda: (c := service.get("/health").json()["counters"])["token_expired_closed"] >= 1 and c,

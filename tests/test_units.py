@@ -9,8 +9,9 @@ from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
 from service.config import Settings, SettingsError
+from service.counters import Counters
 from service.outbound import Bounds, Message, QueueOutbound, ws_text_frame
-from service.tracker import Counters, Tracker
+from service.tracker import Tracker
 from tests.support import Recorder
 
 
@@ -147,8 +148,8 @@ async def test_queue_writer_sends_in_order() -> None:
 def test_idle_rule_counts_publications_on_the_clients_channels() -> None:
     last = {"busy": 100.0}
     tracker = Tracker(10, idle_timeout=10, last_publish=lambda c: last.get(c, 0.0))
-    quiet = tracker.admit(lambda code, reason: True)
-    listener = tracker.admit(lambda code, reason: True)
+    quiet = tracker.admit(lambda why: True)
+    listener = tracker.admit(lambda why: True)
     quiet.last_received = listener.last_received = 50.0
     listener.channels.add("busy")
     assert tracker.idle_connections(now=105.0) == [quiet]

@@ -13,7 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from service.config import MULTIPROC_ENV
+
 # Set next to MULTIPROC_ENV when the directory is ours to remove on exit.
 OWNED_ENV = "WSBROADCAST_METRICS_DIR_OWNED"
 

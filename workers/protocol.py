@@ -39,9 +39,9 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame
 from websockets.http11 import Request
 
+from service import wire
+from service.outbound import DIRECT_EXTENSION as EXTENSION
 from workers.limits import DEFAULT_LIMITS, FrameBudget, Limits
-
-EXTENSION = "wsbroadcast.direct"
 
 log = logging.getLogger("wsbroadcast.protocol")
 
@@ -134,18 +134,18 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
             if budget is None:
                 budget = self.budget = FrameBudget(self.limits, self.loop.time())
             if not budget.charge(data, self.loop.time()):
-                self._abuse("too many frames")
+                self._abuse(wire.TOO_MANY_FRAMES)
                 return
         super().data_received(data)
 
-    def _abuse(self, reason: str) -> None:
+    def _abuse(self, why: wire.Close) -> None:
         """Close 1008 and read nothing more: the client's further input is dropped unparsed."""
         if not self.handshake_complete:
             self.transport.abort()
             return
         if self.verdict is None and not self.close_sent:
             self.verdict = "abuse"
-        self.close(1008, reason)
+        self.close(why.code, why.reason)
         self._stop_reading()
         if self.close_timer is not None:
             self.close_timer.cancel()
@@ -178,7 +178,7 @@ class BroadcastWebSocketProtocol(WebSocketsSansIOProtocol):
             # A client that pings and never reads would make us buffer its pongs for ever.
             if self.verdict is None and not self.close_sent:
                 self.verdict = "slow"
-            self.close(4008, "slow consumer")
+            self.close(wire.SLOW.code, wire.SLOW.reason)
             self._stop_reading()
 
     def handle_text(self, event: Frame) -> None:
