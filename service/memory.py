@@ -9,8 +9,6 @@ connections until it falls back below (with 5% hysteresis, so one crossing logs 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import logging
 import resource
@@ -20,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from service import allocator
 from service.config import Settings
 from service.ratelog import RateLimitedLog
 from service.tracker import Tracker
@@ -27,17 +26,6 @@ from service.tracker import Tracker
 log = logging.getLogger("wsbroadcast.memory")
 _ratelog = RateLimitedLog(log)
 
-
-def _find_malloc_trim() -> Any:
-    """glibc's malloc_trim, or None on a C library without it (musl, macOS)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim = _find_malloc_trim()
 
 # cgroup v1 reports "no limit" as a huge page-aligned number; anything above this is unlimited.
 _UNLIMITED = 1 << 60
@@ -170,8 +158,7 @@ class MemoryMonitor:
         # A closed connection leaves some reference cycles (tasks, exceptions and their frames)
         # that only the cyclic collector frees; collect them before trimming.
         gc.collect()
-        if _malloc_trim is not None:
-            _malloc_trim(0)
+        allocator.give_back()
         self.trims += 1
 
     def check(self) -> None:

@@ -38,9 +38,9 @@ from uvicorn._compat import asyncio_run
 from uvicorn.config import Config
 from uvicorn.server import Server
 
+from service import allocator
 from service.app import create_app
 from service.config import Settings
-from service.memory import _malloc_trim
 from workers.worker import config_kwargs, configure
 
 # Deep enough to reach from an allocation in a library up to the call in uvicorn or the service
@@ -118,7 +118,7 @@ class Measured:
 
     def state(self) -> dict[str, Any]:
         return {"rss": int(self.process.memory_info().rss), "connections": len(self.server.server_state.connections),
-                "heap": heap()}
+                "heap": heap(), "allocator": allocator.NAME}
 
     def trace_start(self) -> dict[str, Any]:
         gc.collect()
@@ -179,8 +179,7 @@ class Measured:
         if command == "trim":
             # For experiments on giving memory back: what the memory monitor does, now.
             gc.collect()
-            if _malloc_trim is not None:
-                _malloc_trim(0)
+            allocator.give_back()
             return self.state()
         if command == "quit":
             self.server.should_exit = True
