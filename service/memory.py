@@ -36,7 +36,10 @@ MIN_PER_CONNECTION = 4 * 1024
 # fewer): a collection and a trim cost a few milliseconds, so not after every close, but after any
 # sizeable departure.
 TRIM_AFTER = 100
-TRIM_AGAIN_AFTER = 12.0  # seconds: beyond the WebSocket protocol's close timeout (10 s)
+# Seconds after a departure's trim to trim again: at the next check (a connection leaves the
+# tracker when its close begins, and its transport and buffers are freed when the socket closes,
+# usually after that first trim), and beyond the WebSocket protocol's close timeout (10 s).
+TRIM_AGAIN_AFTER = (0.5, 12.0)
 MEASURE_FROM = 50  # connections needed before the measured per-connection figure is trusted
 
 
@@ -123,7 +126,7 @@ class MemoryMonitor:
         self.pressure = False
         self.trims = 0
         self._high_since_trim = 0
-        self._trim_again_at: float | None = None
+        self._trim_again_at: list[float] = []
 
     def _read_rss(self) -> int:
         return int(self._process.memory_info().rss)
@@ -137,8 +140,8 @@ class MemoryMonitor:
     def _give_back(self) -> None:
         """Return freed heap pages to the system once many connections have gone.
 
-        Python frees a closed connection's objects at once, but glibc keeps the pages for reuse
-        unless asked: without this, RSS stays at its peak after a crowd leaves.
+        Python frees a closed connection's objects at once, but the allocator keeps the pages for
+        reuse unless asked: without this, RSS stays at its peak after a crowd leaves.
         """
         current = self._tracker.current
         now = time.monotonic()
@@ -147,12 +150,11 @@ class MemoryMonitor:
         if gone >= min(TRIM_AFTER, max(10, self._high_since_trim // 20)):
             self._trim()
             self._high_since_trim = current
-            # A client closed while it was not reading keeps its write buffer until its transport
-            # is aborted, up to the protocol's close timeout later: trim once more after that.
-            self._trim_again_at = now + TRIM_AGAIN_AFTER
-        elif self._trim_again_at is not None and now >= self._trim_again_at:
+            self._trim_again_at = [now + after for after in TRIM_AGAIN_AFTER]
+        elif self._trim_again_at and now >= self._trim_again_at[0]:
             self._trim()
-            self._trim_again_at = None
+            # Past several due times at once (a stalled loop): one trim serves them all.
+            self._trim_again_at = [due for due in self._trim_again_at if due > now]
 
     def _trim(self) -> None:
         # A closed connection leaves some reference cycles (tasks, exceptions and their frames)
@@ -228,4 +230,5 @@ class MemoryMonitor:
             "per_connection_bytes": self.per_connection(),
             "baseline_rss_bytes": self.baseline,
             "trims": self.trims,
+            "allocator": allocator.NAME,
         }

@@ -70,7 +70,7 @@ _mallinfo2 = _find_mallinfo2()
 
 def heap() -> dict[str, int] | None:
     """glibc's view of its heap: bytes obtained from the system, in use, and free but kept."""
-    if _mallinfo2 is None:
+    if _mallinfo2 is None or allocator.NAME != "glibc":
         return None
     info = _mallinfo2()
     return {"system": info.arena + info.hblkhd, "in_use": info.uordblks + info.hblkhd, "free_kept": info.fordblks}
