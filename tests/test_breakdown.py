@@ -25,7 +25,7 @@ def test_breakdown_tables_account_for_every_traced_byte() -> None:
     # The groups partition the traced bytes: every site lands in exactly one.
     grouped = sum(row["bytes_per_conn"] for row in report["groups"])
     assert abs(grouped - report["traced_per_conn"]) <= len(report["groups"]) * 0.1
-    assert any(row["name"].startswith("our session") and row["bytes_per_conn"] > 0 for row in report["groups"])
+    assert any(row["name"].startswith("our service/") and row["bytes_per_conn"] > 0 for row in report["groups"])
     assert report["sites"] and all(":" in row["name"] for row in report["sites"])
     # The census sees each connection's own objects exactly once per connection.
     assert any(row["name"].startswith("service.") and row["count_per_conn"] == 1.0 for row in report["types"])

@@ -22,6 +22,7 @@ from websockets.exceptions import InvalidStatus
 
 from scripts.load.rawclient import Clients
 from scripts.redis_server import PrivateRedis
+from service import allocator
 from service.config import Settings
 from service.memory import (
     DEFAULT_PER_CONNECTION,
@@ -318,3 +319,9 @@ async def test_a_worker_gives_back_most_of_a_crowds_memory_within_5_s_of_its_clo
             assert await given_back(), f"5 s after the close: {what}, now {worker.memory_info().rss / MiB:.1f} MiB"
         finally:
             clients.stop()
+
+
+def test_the_allocator_is_named_and_asked_to_give_back() -> None:
+    # This test process is not preloaded: glibc's allocator serves it, and trims on request.
+    assert allocator.NAME == "glibc"
+    assert allocator.give_back() is True

@@ -47,6 +47,7 @@ GIVE_BACK_AT = (1.0, 5.0)  # seconds after the clients closed
 # What allocated a block: the first frame of its traceback, innermost first, that one of these
 # rules names decides its group. A rule is (group, path fragment, function or "", text in the line
 # or ""); the rules are tried in order for each frame.
+MODULE = "our {module}"
 RULES: list[tuple[str, str, str, str]] = [
     ("ASGI task (+ its callbacks)", "", "", "create_task("),
     ("ASGI task (+ its callbacks)", "", "", "add_done_callback("),
@@ -61,16 +62,12 @@ RULES: list[tuple[str, str, str, str]] = [
     ("websockets sans-I/O connection + frame parser", "site-packages/websockets/", "", ""),
     ("uvicorn + our WebSocket protocol object", "/uvicorn/protocols/websockets/", "", ""),
     ("uvicorn + our WebSocket protocol object", "/workers/protocol.py", "", ""),
-    ("HTTP protocol (until the upgrade)", "/uvicorn/protocols/http/", "", ""),
-    ("HTTP protocol (until the upgrade)", "/workers/http.py", "", ""),
     ("uvicorn protocol utils (addresses)", "/uvicorn/protocols/utils.py", "", ""),
     ("starlette WebSocket + query params", "/starlette/", "", ""),
-    ("our session: service/endpoint.py", "/service/endpoint.py", "", ""),
-    ("our session: service/tracker.py", "/service/tracker.py", "", ""),
-    ("our session: service/outbound.py", "/service/outbound.py", "", ""),
-    ("our session: service/hub.py", "/service/hub.py", "", ""),
-    ("our session: service/recovery.py (subscribe ack)", "/service/recovery.py", "", ""),
-    ("our session: service/ (other)", "/service/", "", ""),
+    # Our own modules, each its own group: "our workers/lean.py", "our service/session.py"...
+    (MODULE, "/workers/", "", ""),
+    (MODULE, "/service/", "", ""),
+    ("HTTP protocol (until the upgrade)", "/uvicorn/protocols/http/", "", ""),
     ("uvicorn server (connection and task sets)", "/uvicorn/", "", ""),
 ]
 # An allocation whose innermost Python frame is the event loop's run call was made by uvloop's C
@@ -197,6 +194,8 @@ def _group(frames: list[list[Any]]) -> str:
                 continue
             if function and function != _function(filename, lineno):
                 continue
+            if name == MODULE:
+                return MODULE.format(module=filename[filename.rindex(path) + 1:])
             return name
     return OTHER
 
