@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--connections", type=int, default=5000, help="idle: connections")
     add("--connect-rate", type=float, default=1000.0, help="connections opened per second")
     add("--settle", type=float, default=3.0, help="idle: seconds before each RSS reading")
+    add("--idle-warmup", type=int, default=50,
+        help="idle: connections opened and closed before the first RSS reading (first-use costs are no "
+             "connection's)")
     add("--subscribers", type=int, default=2000, help="fanout, slow: subscribers")
     add("--rates", default="20,50,100,200", help="fanout: msg/s steps")
     add("--duration", type=float, default=10.0, help="fanout: seconds per step")
