@@ -299,10 +299,10 @@ async def test_a_worker_gives_back_most_of_a_crowds_memory_within_5_s_of_its_clo
             await clients.close(timeout=10.0)
             await asyncio.sleep(1.5)
             before = worker.memory_info().rss
-            assert await _connect_idle(clients, svc.port, 1000) == 1000
+            assert await _connect_idle(clients, svc.port, 2500) == 2500
             await asyncio.sleep(1.0)
             peak = worker.memory_info().rss
-            assert peak - before > 2 * MiB  # a thousand idle connections take memory to give back
+            assert peak - before > 2 * MiB  # idle connections take memory to give back
             closed = time.monotonic()
             await clients.close(timeout=10.0)
             bound = before + 0.15 * (peak - before)  # at least 85% given back
