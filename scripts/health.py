@@ -14,6 +14,7 @@ import asyncio
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -23,6 +24,7 @@ from redis.backoff import NoBackoff
 from service import codec, health
 from service.config import Settings, SettingsError
 from service.keys import Keys
+from service.topology import Topology
 
 # A health check must answer quickly: a Redis that does not accept within this is unreachable.
 CONNECT_TIMEOUT = 2.0
@@ -139,18 +141,26 @@ def _emit(report: dict[str, Any], as_json: bool, clear: bool) -> None:
         print(f"health: failing: {'; '.join(report['reasons'])}", file=sys.stderr, flush=True)
 
 
-async def _run(redis: Redis, keys: Keys, args: argparse.Namespace, last: list[int]) -> None:
+async def _run(redis: Redis, settings: Settings, args: argparse.Namespace, last: list[int]) -> None:
+    keys = Keys(settings.redis_prefix)
     clear = args.watch is not None and not args.json and sys.stdout.isatty()
     source = {**redis_source(redis, args.redis_url), "prefix": keys.prefix}
+    # A Redis Cluster: the heartbeats are spread over its masters, each SCANned.
+    topology = Topology(replace(settings, redis_command_timeout=READ_TIMEOUT), "wsbroadcast-health")
     try:
         while True:
-            report = {"redis": source, **await health.cluster_report(redis, keys)}
+            nodes: Redis | list[Redis] = redis
+            if settings.redis_cluster:
+                await topology.refresh()
+                nodes = [topology.redis(address) for address in topology.masters]
+            report = {"redis": source, **await health.cluster_report(nodes, keys)}
             last[0] = health.EXIT_CODES[report["status"]]
             _emit(report, args.json, clear)
             if args.watch is None:
                 return
             await asyncio.sleep(args.watch)
     finally:
+        await topology.close()
         await redis.aclose()
 
 
@@ -179,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return health.EXIT_CODES[health.FAILING]
     last = [health.EXIT_CODES[health.FAILING]]
     try:
-        asyncio.run(_run(redis, Keys(settings.redis_prefix), args, last))
+        asyncio.run(_run(redis, settings, args, last))
     except KeyboardInterrupt:
         pass  # --watch ends here; the exit code is the last report's
     except Exception as exc:

@@ -1,10 +1,11 @@
 """Publish one message: ``scripts/publish CHANNEL JSON``.
 
 The JSON text is checked and forwarded byte for byte: subscribers receive exactly what was typed.
-By default it publishes the documented frame straight to Redis (REDIS_URL, REDIS_PREFIX), which is
-what any service may do; with ``--http URL`` it goes through ``POST /publish/<channel>`` with
-PUBLISH_TOKEN. ``--idempotency-key KEY`` makes a retry within IDEMPOTENCY_WINDOW return the first
-result instead of publishing again.
+By default it publishes the documented frame straight to Redis (REDIS_URL, REDIS_PREFIX; with
+REDIS_CLUSTER=1 on the master serving the channel), which is what any service may do; with
+``--http URL`` it goes through ``POST /publish/<channel>`` with PUBLISH_TOKEN.
+``--idempotency-key KEY`` makes a retry within IDEMPOTENCY_WINDOW return the first result instead
+of publishing again.
 
 Exit codes: 0 published; 1 the service refused it (HTTP 4xx/5xx other than 503 unknown);
 2 bad input or nothing published (Redis unreachable); 3 unknown whether it was published (Redis
@@ -23,11 +24,15 @@ from redis.asyncio import Redis
 
 from service import publisher
 from service.config import Settings, SettingsError
+from service.keys import Keys
 from service.publication import InvalidPublication, check_data
+from service.topology import Topology
 from service.wire import CHANNEL_RULE, is_channel
 
 
 async def _via_redis(settings: Settings, channel: str, data: bytes, key: str | None) -> publisher.Published:
+    if settings.redis_cluster:
+        return await _via_cluster(settings, channel, data, key)
     redis = Redis.from_url(
         settings.redis_url, socket_connect_timeout=3, socket_timeout=settings.redis_command_timeout
     )
@@ -35,6 +40,20 @@ async def _via_redis(settings: Settings, channel: str, data: bytes, key: str | N
         return await publisher.publish(redis, channel, data, idempotency_key=key, settings=settings)
     finally:
         await redis.aclose()
+
+
+async def _via_cluster(settings: Settings, channel: str, data: bytes, key: str | None) -> publisher.Published:
+    """On a Redis Cluster: read the slot map, call the function on the master serving the channel."""
+    publisher.check_key(key)
+    topology = Topology(settings, "wsbroadcast-publish")
+    try:
+        await topology.refresh()
+        address = topology.address_of(Keys(settings.redis_prefix).meta(channel))
+        if not address:
+            raise publisher.Refused("no Redis Cluster master serves the channel's slot")
+        return await publisher.execute(topology.pool(address), publisher.command(settings, channel, data, key))
+    finally:
+        await topology.close()
 
 
 def _via_http(base: str, token: str, channel: str, data: bytes, key: str | None) -> int:

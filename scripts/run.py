@@ -1,9 +1,10 @@
 """Start the service as deployed: the Procfile's ``web:`` line, several workers, a real Redis.
 
 REDIS_URL set: that Redis. Unset: a private redis-server on a free loopback port, started here and
-stopped on exit. PUBLISH_TOKEN and ADMIN_TOKEN unset: random ones for this run, printed (the second
-is the dashboard's password and opens the health detail). The banner comes once
-every worker serves; a port in use or an invalid setting is one line on stderr instead.
+stopped on exit (with REDIS_CLUSTER=1, a private Redis Cluster: 3 masters, 3 replicas).
+PUBLISH_TOKEN and ADMIN_TOKEN unset: random ones for this run, printed (the second is the
+dashboard's password and opens the health detail). The banner comes once every worker serves; a
+port in use or an invalid setting is one line on stderr instead.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 
+from scripts.redis_cluster import PrivateCluster
 from scripts.redis_server import PrivateRedis
 from scripts.service_process import ROOT, ServiceError, ServiceProcess, port_in_use, procfile_web, with_interpreter_path
 from service.config import Settings, SettingsError
@@ -25,9 +27,11 @@ __all__ = ["ROOT", "main", "procfile_web"]
 STOP_MARGIN = 5.0
 
 
-def _banner(env: dict[str, str], host: str, redis: PrivateRedis | None) -> str:
+def _banner(env: dict[str, str], host: str, redis: PrivateRedis | PrivateCluster | None) -> str:
     port = env["PORT"]
-    where = f"private Redis at {env['REDIS_URL']} (stopped on exit)" if redis else "REDIS_URL"
+    kind = "Redis Cluster (3 masters, 3 replicas)" if isinstance(redis, PrivateCluster) else "Redis"
+    where = f"private {kind} at {env['REDIS_URL']} (stopped on exit)" if redis else "REDIS_URL"
+    cluster = "REDIS_CLUSTER=1 " if isinstance(redis, PrivateCluster) or env.get("REDIS_CLUSTER") else ""
     listens = f"all interfaces ({host}:{port})" if host in ("0.0.0.0", "::", "") else f"{host}:{port}"
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     return f"""
@@ -35,8 +39,8 @@ wsbroadcast: {env['WEB_CONCURRENCY']} workers listening on {listens}, Redis: {wh
   connect:  ws://{local}:{port}/ws?channels=news
   publish:  curl -X POST http://{local}:{port}/publish -H 'Authorization: Bearer {env['PUBLISH_TOKEN']}' \\
                  -H 'Content-Type: application/json' -d '{{"channel":"news","data":{{"hello":"world"}}}}'
-        or  REDIS_URL={env['REDIS_URL']} scripts/publish news '{{"hello":"world"}}'
-  health:   curl http://{local}:{port}/health/cluster   ·   REDIS_URL={env['REDIS_URL']} scripts/health
+        or  {cluster}REDIS_URL={env['REDIS_URL']} scripts/publish news '{{"hello":"world"}}'
+  health:   curl http://{local}:{port}/health/cluster   ·   {cluster}REDIS_URL={env['REDIS_URL']} scripts/health
   metrics:  curl http://{local}:{port}/metrics
   dashboard: http://{local}:{port}/dashboard   (any user name, password {env['ADMIN_TOKEN']})
   browser:  import {{ WsBroadcast }} from "http://{local}:{port}/client.js"   (see the README's Clients)
@@ -75,10 +79,10 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    redis: PrivateRedis | None = None
+    redis: PrivateRedis | PrivateCluster | None = None
     try:
         if not env.get("REDIS_URL"):
-            redis = PrivateRedis()
+            redis = PrivateCluster() if settings.redis_cluster else PrivateRedis()
             redis.start()
             env["REDIS_URL"] = redis.url
         if stopping:

@@ -85,11 +85,17 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def read_heartbeats(client: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
-    """Every worker's heartbeat document under ``keys``' prefix; anything else stored there is skipped."""
+def read_heartbeats(client: redis.Redis | redis.RedisCluster, keys: Keys) -> list[dict[str, Any]]:
+    """Every worker's heartbeat document under ``keys``' prefix; anything else stored there is skipped.
+
+    A cluster client SCANs every master and GETs key by key (the keys lie in many slots).
+    """
     names = list(client.scan_iter(match=keys.worker_pattern(), count=500))
     docs: list[dict[str, Any]] = []
-    for raw in client.mget(names) if names else []:
+    raws = [client.get(name) for name in names] if isinstance(client, redis.RedisCluster) else (
+        client.mget(names) if names else []
+    )
+    for raw in raws:
         try:
             doc = orjson.loads(raw) if raw is not None else None
         except orjson.JSONDecodeError:
@@ -120,6 +126,7 @@ class ServiceProcess:
         unset = Settings()  # the defaults the service itself applies to what env leaves unset
         self.workers = int(self.env.get("WEB_CONCURRENCY") or unset.web_concurrency)
         self.redis_url = self.env.get("REDIS_URL") or unset.redis_url
+        self.cluster = Settings.from_env({"REDIS_CLUSTER": self.env.get("REDIS_CLUSTER") or "0"}).redis_cluster
         self.keys = Keys(self.env.get("REDIS_PREFIX") or unset.redis_prefix)
         self.log_path = log_path
         self.cwd = cwd
@@ -127,7 +134,7 @@ class ServiceProcess:
         self.own_metrics_dir = own_metrics_dir
         self.metrics_dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
-        self._redis: redis.Redis | None = None
+        self._redis: redis.Redis | redis.RedisCluster | None = None
         self.last_error: str | None = None
         self._children: dict[int, psutil.Process] = {}
 
@@ -170,7 +177,8 @@ class ServiceProcess:
     def heartbeats(self) -> list[dict[str, Any]]:
         """The heartbeat documents of this instance's live workers."""
         if self._redis is None:
-            self._redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=5)
+            kind = redis.RedisCluster if self.cluster else redis.Redis
+            self._redis = kind.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=5)
         pids = self.worker_pids()
         return [doc for doc in read_heartbeats(self._redis, self.keys) if doc["worker"]["pid"] in pids]
 

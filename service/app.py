@@ -187,7 +187,7 @@ async def cluster_health(request: Request) -> Response:
     access = _health_access(request)
     if isinstance(access, Response):
         return access
-    doc = await health.cluster_report(service.broker.redis, service.keys, health.CLUSTER_TIMEOUT)
+    doc = await health.cluster_report(service.broker.masters(), service.keys, health.CLUSTER_TIMEOUT)
     return _health_json(doc if access else _public(health.public_cluster(doc), service.settings))
 
 

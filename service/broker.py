@@ -1,12 +1,13 @@
-"""The broker: the worker's Redis pool, its one pub/sub listener, and publishing.
+"""The broker: the worker's Redis topology, its pub/sub listeners, and publishing.
 
-The listener owns one connection taken from the pool (so ``REDIS_POOL_SIZE`` bounds everything),
-reconnects with capped exponential backoff and resubscribes every wanted channel. Subscriptions are
-reconciled, not replayed: ``want``/``unwant`` change the wanted set and wake one sender that brings
-Redis in line with it, so a reconnect and a burst of changes take the same path.
+On one Redis the broker has one listener (``service.listener``). On a Redis Cluster
+(``REDIS_CLUSTER``) it has one listener per master, each subscribed with ``SSUBSCRIBE`` to the
+wanted channels whose slots that master serves, each with its own canary (so a deaf shard is not
+hidden by healthy ones), and each drawing its connection from that node's pool. When the slot map
+changes (a replica promoted, a slot migrated, a ``sunsubscribe`` pushed by Redis) channels move to
+the listener of their new master; the channels a listener may have missed publications of (it
+reconnected, or they moved to it) are handed to ``on_reconnect``, which reads them from the history.
 
-A liveness canary guards against a listener that is connected but deaf: every CANARY_INTERVAL the
-worker publishes on its private channel and expects it back through its own subscription.
 Publications are handed to ``on_message`` (the hub); the broker never imports the hub.
 """
 
@@ -14,30 +15,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import Connection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.asyncio import Redis
+from redis.exceptions import AskError, MovedError, TryAgainError
 
 from service import publisher
-from service.config import Settings, redact_url
+from service.config import Settings
 from service.counters import Counters
 from service.keys import Keys
+from service.listener import Listener
 from service.publisher import Published
+from service.topology import Topology
 
 log = logging.getLogger("wsbroadcast.broker")
 
-BACKOFF_START = 0.05
-# The cap bounds how late deliveries resume once Redis is back; a refused connect every cap per
-# worker while Redis is down costs next to nothing.
-BACKOFF_CAP = 0.1
-CONNECT_TIMEOUT = 2.0
+# How often a cluster's slot map is read even when nothing suggested a change: it bounds how late
+# a failover is noticed by a worker whose commands all went to healthy nodes.
+REFRESH_INTERVAL = 1.0
+TRY_AGAIN_DELAY = 0.05
+# Canary channel names tried per master to find one in a slot that master serves.
+CANARY_TRIES = 100_000
+
+T = TypeVar("T")
 
 
 class Broker:
@@ -47,94 +48,77 @@ class Broker:
         keys: Keys,
         worker_id: tuple[str, int],
         on_message: Callable[[str, bytes], None],
-        on_reconnect: Callable[[], None] | None = None,
+        on_reconnect: Callable[[list[str] | None], None] | None = None,
         counters: Counters | None = None,
     ) -> None:
         self._settings = settings
         self._keys = keys
+        self._worker_id = worker_id
         self._on_message = on_message
-        # Called when the listener is back after a loss: what was published meanwhile never
-        # reached it, so whoever wires the broker reads it from the history.
+        # Called when publications may have been missed: None for every channel (the one Redis's
+        # listener is back after a loss), else the channels concerned (a cluster node's; none when
+        # a new master's listener connects, whose function library may still need loading).
         self._on_reconnect = on_reconnect
-        # No client-side retries: a publish while Redis is down fails at once (503) instead of
-        # hanging for the retry schedule.
-        self.pool = BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_pool_size,
-            timeout=settings.redis_pool_timeout,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            socket_timeout=settings.redis_command_timeout,
-            retry=Retry(NoBackoff(), 0),
-            # RESP2: pub/sub messages arrive as plain replies, without RESP3's push-handler detour.
-            protocol=2,
-            client_name=f"wsbroadcast:{worker_id[0]}:{worker_id[1]}",
-        )
-        self.redis = Redis(connection_pool=self.pool, retry=Retry(NoBackoff(), 0))
-        self._canary_channel = keys.canary(*worker_id)
-        self._wanted: set[str] = {self._canary_channel}
-        self._sent: set[str] = set()
-        self._confirmed: set[str] = set()
-        # Commands sent per channel and not answered yet: only the reply to the last one counts.
-        self._unacked: dict[str, int] = {}
+        self.cluster = settings.redis_cluster
+        self.topology = Topology(settings, f"wsbroadcast:{worker_id[0]}:{worker_id[1]}")
+        self._wanted: set[str] = set()  # Redis channel names
+        self._listeners: dict[str, Listener] = {}  # node address -> its listener
+        self._route: dict[str, str] = {}  # Redis channel -> the node whose listener holds it
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._dirty = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._canary_task: asyncio.Task[None] | None = None
-        self._restart = asyncio.Event()
-        self._restart_reason = ""
-        # Time allowed for the listener's connect and handshake: a canary round (what the canary
-        # allows a confirmation), and at least the TCP connect timeout.
-        self._connect_budget = max(2 * settings.canary_interval, CONNECT_TIMEOUT)
-        # When the current listener connection was opened (None between attempts): a connection
-        # whose SUBSCRIBE is never confirmed is as deaf as one that stops delivering.
-        self._attempt_started: float | None = None
-        self.connected = False
-        self.down_since: float | None = time.monotonic()
+        self._refresh_now = asyncio.Event()
+        self._topology_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.counters = Counters() if counters is None else counters
-        self.canary_ok = True
-        self.canary_error = ""  # why the last canary was missed, while canary_ok is False
-        self.last_error = "not connected yet"
-        self.ever_connected = False
-        self._down_logged = False
-        self._ups = 0
-        self._canary_pending: bytes | None = None
-        self._canary_bytes = self._canary_channel.encode()
+        self._ever_connected = False
+        if not self.cluster:
+            self._add_listener(self.topology.masters[0])
+
+    def masters(self) -> list[Redis]:
+        """A client per master (SCANs that must see every key)."""
+        return [self.topology.redis(address) for address in self.topology.masters]
+
+    async def run(self, key: str, command: Callable[[Redis], Awaitable[T]]) -> T:
+        """``command`` on the node serving ``key`` (retried once after MOVED)."""
+        return await self.topology.run(key, command)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._listen_forever(), name="broker-listener")
-        self._canary_task = asyncio.create_task(self._canary_forever(), name="broker-canary")
+        if self.cluster:
+            self._topology_task = asyncio.create_task(self._watch_topology(), name="broker-topology")
+        for listener in self._listeners.values():
+            listener.start()
 
     async def stop(self) -> None:
-        for task in (self._canary_task, self._task):
-            if task is not None:
-                task.cancel()
-        for task in (self._canary_task, self._task):
-            if task is not None:
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
-        await self.redis.aclose()
-        await self.pool.disconnect()
+        self._stopping = True
+        if self._topology_task is not None:
+            self._topology_task.cancel()
+            await asyncio.gather(self._topology_task, return_exceptions=True)
+        for listener in list(self._listeners.values()):
+            await listener.stop()
+        self._listeners.clear()
+        await self.topology.close()
 
     # --- subscriptions ---------------------------------------------------------------------------
 
     def want(self, channel: str) -> None:
         """Subscribe to the public ``channel`` in Redis (called on its first local listener)."""
-        self._wanted.add(self._keys.channel(channel))
-        self._dirty.set()
+        redis_channel = self._keys.channel(channel)
+        self._wanted.add(redis_channel)
+        self._place(redis_channel)
 
     def unwant(self, channel: str) -> None:
         """Unsubscribe from ``channel`` in Redis (called after its last local listener left)."""
-        self._wanted.discard(self._keys.channel(channel))
-        self._dirty.set()
+        redis_channel = self._keys.channel(channel)
+        self._wanted.discard(redis_channel)
+        node = self._route.pop(redis_channel, None)
+        if node is not None and node in self._listeners:
+            self._listeners[node].unwant(redis_channel)
 
     async def confirmed(self, channel: str, timeout: float) -> bool:
         """Wait until Redis has confirmed the subscription to ``channel``; False on timeout."""
         redis_channel = self._keys.channel(channel)
-        if redis_channel in self._confirmed:
+        if self._is_confirmed(redis_channel):
             return True
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(redis_channel, []).append(future)
@@ -150,254 +134,224 @@ class Broker:
                 if not waiters:
                     del self._waiters[redis_channel]
 
+    def _is_confirmed(self, redis_channel: str) -> bool:
+        node = self._route.get(redis_channel)
+        listener = self._listeners.get(node) if node is not None else None
+        return listener is not None and redis_channel in listener.confirmed_channels
+
+    def _place(self, redis_channel: str) -> None:
+        """Hand the channel to the listener of the node serving it (moving it if it was elsewhere)."""
+        address = self.topology.address_of(redis_channel)
+        old = self._route.get(redis_channel)
+        if old == address and address in self._listeners:
+            return
+        if old is not None and old in self._listeners:
+            self._listeners[old].unwant(redis_channel)
+        if not address or address not in self._listeners:
+            self._route.pop(redis_channel, None)  # served by none yet: placed once the map says
+            return
+        self._route[redis_channel] = address
+        self._listeners[address].want(redis_channel)
+
     # --- publishing ---------------------------------------------------------------------------
 
     async def publish(self, channel: str, data: bytes, idempotency_key: str | None = None) -> Published:
         """Publish the JSON ``data`` bytes on ``channel`` through the Redis function (once per
-        ``idempotency_key`` within IDEMPOTENCY_WINDOW).
+        ``idempotency_key`` within IDEMPOTENCY_WINDOW), on the node serving the channel.
 
         Raises publisher.Refused when nothing was published (no connection could be made, or Redis
         refused the command), publisher.Unknown when the command went out unanswered within
         REDIS_COMMAND_TIMEOUT, publisher.IdempotencyConflict for a key reused for another publication.
+        A cluster's MOVED (a failover, a migrated slot) is retried once on the new owner.
         """
-        return await publisher.execute(self.pool, publisher.command(self._settings, channel, data, idempotency_key))
+        cmd = publisher.command(self._settings, channel, data, idempotency_key)
+        key = self._keys.meta(channel)
+        try:
+            return await publisher.execute(self.topology.pool(self._address(key)), cmd)
+        except publisher.Refused as exc:
+            cause = exc.__cause__
+            if not self.cluster:
+                raise
+            if isinstance(cause, TryAgainError):
+                # Mid-migration, the channel's keys are split between the two nodes for a moment.
+                await asyncio.sleep(TRY_AGAIN_DELAY)
+                return await publisher.execute(self.topology.pool(self._address(key)), cmd)
+            if isinstance(cause, AskError):
+                # The slot is migrating and its keys already left: the importing node runs it.
+                return await publisher.execute(self.topology.pool(f"{cause.host}:{cause.port}"), cmd, asking=True)
+            if not isinstance(cause, MovedError):
+                self.topology.refresh_soon()
+                raise
+        await self.topology.refresh()
+        return await publisher.execute(self.topology.pool(self._address(key)), cmd)
+
+    def _address(self, key: str) -> str:
+        address = self.topology.address_of(key)
+        if not address:
+            raise publisher.Refused(f"no Redis Cluster master serves the slot of {key!r} (a failover under way?)")
+        return address
 
     def pool_usage(self) -> dict[str, int]:
-        pool: Any = self.pool
+        """In use and idle connections, summed over the nodes; ``max`` is per node."""
+        usage = self.topology.pool_usage()
         return {
-            "in_use": len(pool._in_use_connections),
-            "idle": len(pool._available_connections),
+            "in_use": sum(u["in_use"] for u in usage.values()),
+            "idle": sum(u["idle"] for u in usage.values()),
             "max": self._settings.redis_pool_size,
         }
 
-    # --- the listener -------------------------------------------------------------------------
+    # --- the status the health report reads ----------------------------------------------------
 
-    async def _listen_forever(self) -> None:
-        backoff = BACKOFF_START
-        while True:
-            ups_before = self._ups
-            conn: Connection | None = None
-            sender: asyncio.Task[None] | None = None
-            try:
-                # Bounded: a stalled Redis accepts the TCP connection and never answers the
-                # handshake; the next attempt must not wait for the socket timeout.
-                async with asyncio.timeout(self._connect_budget):
-                    conn = await self.pool.get_connection()  # type: ignore[no-untyped-call]
-                self._sent.clear()
-                self._confirmed.clear()
-                self._unacked.clear()
-                self._dirty.set()
-                self._restart.clear()
-                sender = asyncio.create_task(self._send_forever(conn), name="broker-subscriber")
-                self._attempt_started = time.monotonic()
-                await self._read_forever(conn, sender)
-            except asyncio.CancelledError:
-                raise
-            except TimeoutError as exc:
-                # Ours from the bounded connect (no connection yet), else a socket's own.
-                self._mark_down(f"no connection within {self._connect_budget:g} s" if conn is None else repr(exc))
-            except (RedisError, OSError, RuntimeError) as exc:
-                self._mark_down(str(exc) or type(exc).__name__)
-            except Exception as exc:
-                # Anything else would end the listener for good: log it and reconnect.
-                log.exception("pub/sub listener failed")
-                self._mark_down(f"listener error: {exc!r}")
-            finally:
-                self._attempt_started = None
-                if sender is not None:
-                    sender.cancel()
-                    # Awaited, so it is gone before its connection goes back to the pool; a
-                    # cancellation of the listener itself still propagates after the cleanup.
-                    await asyncio.gather(sender, return_exceptions=True)
-                if conn is not None:
-                    # nowait: a connection that stopped reading must not stall (or, by raising
-                    # from here, end) the listener.
-                    try:
-                        await conn.disconnect(nowait=True)
-                    except Exception as exc:
-                        log.debug("pub/sub connection disconnect failed: %r", exc)
-                    await self.pool.release(conn)
-            if self._ups != ups_before:
-                backoff = BACKOFF_START
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_CAP)
+    def _live(self) -> list[Listener]:
+        return list(self._listeners.values())
 
-    async def _read_forever(self, conn: Connection, sender: asyncio.Task[None]) -> None:
-        """Read until the connection fails, the sender fails or the canary asks for a restart."""
-        reader = asyncio.create_task(self._read_loop(conn), name="broker-reader")
-        restart = asyncio.create_task(self._restart.wait(), name="broker-restart")
-        try:
-            done, _ = await asyncio.wait({reader, sender, restart}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (reader, restart):
-                task.cancel()
-            await asyncio.gather(reader, restart, return_exceptions=True)
-        for task in (reader, sender):
-            if task in done:
-                task.result()  # re-raise the connection error
-        self._mark_down(f"listener restarted: {self._restart_reason}")
+    @property
+    def connected(self) -> bool:
+        listeners = self._live()
+        return bool(listeners) and all(listener.connected for listener in listeners) and not self._unplaced()
 
-    async def _read_loop(self, conn: Connection) -> None:
-        handle = self._handle
-        while True:
-            handle(await conn.read_response(timeout=math.inf, push_request=True))
+    @property
+    def ever_connected(self) -> bool:
+        return self._ever_connected
 
-    async def _send_forever(self, conn: Connection) -> None:
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            subscribe = sorted(self._wanted - self._sent)
-            unsubscribe = sorted(self._sent - self._wanted)
-            for channel in subscribe + unsubscribe:
-                self._unacked[channel] = self._unacked.get(channel, 0) + 1
-            if subscribe:
-                self._sent.update(subscribe)
-                await conn.send_command("SUBSCRIBE", *subscribe)
-            if unsubscribe:
-                self._sent.difference_update(unsubscribe)
-                # Not confirmed from now on: a listener arriving before the reply must wait for
-                # the SUBSCRIBE that will follow, not trust the subscription being torn down.
-                self._confirmed.difference_update(unsubscribe)
-                await conn.send_command("UNSUBSCRIBE", *unsubscribe)
+    @property
+    def canary_ok(self) -> bool:
+        return all(listener.canary_ok for listener in self._live())
 
-    def _handle(self, response: Any) -> None:
-        if not isinstance(response, list) or len(response) < 3:
-            return
-        kind = response[0]
-        if kind == b"message":
-            channel_bytes, payload = response[1], response[2]
-            if channel_bytes == self._canary_bytes:
-                self._canary_received(payload)
-                return
-            name = self._keys.channel_name(channel_bytes)
-            if name is not None:
-                self._on_message(name, payload)
-        elif kind in (b"subscribe", b"unsubscribe") and self._superseded(response[1].decode()):
-            return
-        elif kind == b"subscribe":
-            channel = response[1].decode()
-            self._confirmed.add(channel)
-            if channel == self._canary_channel:
-                self._mark_up()
-            for future in self._waiters.pop(channel, []):
-                if not future.done():
-                    future.set_result(None)
-        elif kind == b"unsubscribe":
-            self._confirmed.discard(response[1].decode())
+    @property
+    def canary_error(self) -> str:
+        return "; ".join(self._name(lis) + lis.canary_error for lis in self._live() if not lis.canary_ok)
 
-    def _superseded(self, channel: str) -> bool:
-        """True for a reply that a later SUBSCRIBE/UNSUBSCRIBE of the same channel supersedes."""
-        left = self._unacked.get(channel, 1) - 1
-        if left > 0:
-            self._unacked[channel] = left
-            return True
-        self._unacked.pop(channel, None)
-        return False
+    @property
+    def last_error(self) -> str:
+        errors = [self._name(lis) + lis.last_error for lis in self._live() if not lis.connected]
+        if self._unplaced():
+            errors.append(f"{self._unplaced()} subscribed channels in slots no master serves")
+        return "; ".join(errors) or ("no Redis Cluster master known yet" if not self._live() else "")
 
-    def _mark_up(self) -> None:
-        if not self.connected:
-            if self.ever_connected:
-                self.counters.reconnects += 1
-                down = time.monotonic() - (self.down_since or time.monotonic())
-                log.warning(
-                    "Redis pub/sub connection restored after %.2f s; resubscribed %d channels",
-                    down,
-                    len(self._wanted),
-                )
-                if self._on_reconnect is not None:
-                    self._on_reconnect()
+    @property
+    def down_since(self) -> float | None:
+        times = [listener.down_since for listener in self._live() if listener.down_since is not None]
+        return min(times) if times else None
+
+    def _unplaced(self) -> int:
+        return len(self._wanted) - len(self._route)
+
+    def _name(self, listener: Listener) -> str:
+        return f"{listener.node}: " if self.cluster else ""
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Per node: its listener's state and channel count (the health detail)."""
+        return [
+            {"node": lis.node, "connected": lis.connected, "canary_ok": lis.canary_ok,
+             "channels": len(lis.wanted()), "reconnects": lis.reconnects}
+            for lis in self._live()
+        ]
+
+    # --- listeners and the slot map ---------------------------------------------------------------
+
+    def _sync_listeners(self) -> None:
+        """One listener per master, every wanted channel on the listener of its slot's master."""
+        masters = [address for address in self.topology.masters if self.topology.slots_of(address) or not self.cluster]
+        moved: dict[str, list[str]] = {}
+        for address in list(self._listeners):
+            if address not in masters:
+                listener = self._listeners.pop(address)
+                task = asyncio.get_running_loop().create_task(listener.stop())
+                task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        for address in masters:
+            existing = self._listeners.get(address)
+            if existing is None:
+                self._add_listener(address).start()
             else:
-                log.info("Redis pub/sub connected to %s", redact_url(self._settings.redis_url))
-            self.ever_connected = True
-            self._ups += 1
-        self.connected = True
-        self._down_logged = False
-        self.down_since = None
+                existing.set_canary(self._canary(address))
+        for redis_channel in sorted(self._wanted):
+            before = self._route.get(redis_channel)
+            self._place(redis_channel)
+            after = self._route.get(redis_channel)
+            if after is not None and after != before and before is not None:
+                moved.setdefault(after, []).append(redis_channel)
+        for channels in moved.values():
+            self._missed(channels)
 
-    def _mark_down(self, reason: str) -> None:
-        if not self._down_logged:
-            what = "lost" if self.ever_connected else "unavailable at start-up"
-            log.warning("Redis pub/sub connection %s: %s; reconnecting with backoff", what, reason)
-            self._down_logged = True
-        if self.connected or self.down_since is None:
-            self.down_since = time.monotonic()
-        self.connected = False
-        self.last_error = reason
-        # A canary in flight went out with the old connection: waiting for it after a quick
-        # reconnect would count a miss that is not one, and restart a healthy listener.
-        self._canary_pending = None
+    def _add_listener(self, address: str) -> Listener:
+        listener = self._listeners[address] = Listener(
+            address, self.topology.pool(address), self.topology.redis(address), self._canary(address),
+            self._settings.canary_interval, self.counters, sharded=self.cluster, on_message=self._message,
+            on_confirmed=self._confirmed, on_up=self._up, on_dropped=self._dropped, on_error=self._error,
+        )
+        return listener
 
-    # --- the canary -----------------------------------------------------------------------------
+    def _canary(self, address: str) -> str:
+        """A canary channel of this worker in a slot that ``address`` serves."""
+        base = self._keys.canary(*self._worker_id)
+        if not self.cluster:
+            return base
+        for tag in range(CANARY_TRIES):
+            name = f"{base}:{tag}"
+            if self.topology.owns(address, name):
+                return name
+        raise RuntimeError(f"no canary channel found for {address}")  # a master serves at least one slot
 
-    async def _canary_forever(self) -> None:
-        """Publish a numbered canary each interval; one not back within two intervals is a miss.
-
-        A canary Redis does not accept within one interval is a miss as well: a stalled server
-        accepts connections and answers nothing, and the verdict must not wait for the pool's
-        socket timeout (nor forget the canary when that timeout finally fires).
-        """
-        number = 0
-        sent_at = 0.0
-        interval = self._settings.canary_interval
+    async def _watch_topology(self) -> None:
         while True:
-            await asyncio.sleep(interval)
-            if not self.connected:
-                self._canary_pending = None
-                started = self._attempt_started
-                if started is not None and time.monotonic() - started >= 2 * interval:
-                    self._restart_reason = "subscription not confirmed by Redis"
-                    self._restart.set()
-                continue
-            if self._canary_pending is not None:
-                if time.monotonic() - sent_at < 2 * interval:
-                    # Late is not lost: a worker busy for one interval must not restart a healthy
-                    # listener (the restart itself would drop the publications of the gap).
-                    continue
-                self.counters.canary_misses += 1
-                if self.canary_ok:
-                    log.warning("canary missed: the pub/sub listener is not delivering; restarting it")
-                self.canary_ok = False
-                self.canary_error = f"canary not back within {2 * interval:g} s"
-                self._canary_pending = None
-                self._restart_reason = "canary missed"
-                self._restart.set()
-                continue
-            number += 1
-            token = str(number).encode()
-            self._canary_pending = token
             try:
-                async with asyncio.timeout(interval):
-                    await self.redis.publish(self._canary_channel, token)
+                await self.topology.refresh()
+            except Exception:
+                log.exception("reading the Redis Cluster slot map failed")
+            self._sync_listeners()
+            self._refresh_now.clear()
+            try:
+                await asyncio.wait_for(self._refresh_now.wait(), REFRESH_INTERVAL)
             except TimeoutError:
-                self._canary_not_sent(f"canary publish not answered within {interval:g} s")
-                continue
-            except (RedisError, OSError) as exc:
-                self._canary_not_sent(f"canary publish failed: {exc or type(exc).__name__}")
-                continue
-            sent_at = time.monotonic()
+                pass
 
-    def _canary_not_sent(self, reason: str) -> None:
-        """Count a canary Redis did not take as a miss, without restarting the listener.
+    # --- what the listeners tell ------------------------------------------------------------------
 
-        The listener's own connection is judged by canaries Redis accepted: a stalled Redis goes on
-        delivering on the same subscription once it answers again, and a restart would only add a
-        reconnect to wait for.
-        """
-        self._canary_pending = None
-        if not self.connected:
-            return  # the listener saw the loss first; its reason says more than this one
-        self.counters.canary_misses += 1
-        if self.canary_ok:
-            log.warning("canary not accepted by Redis: %s; reporting degraded until one is back", reason)
-        self.canary_ok = False
-        self.canary_error = reason
+    def _message(self, channel_bytes: bytes, payload: bytes) -> None:
+        name = self._keys.channel_name(channel_bytes)
+        if name is not None:
+            self._on_message(name, payload)
 
-    def _canary_received(self, token: bytes) -> None:
-        if token != self._canary_pending:
+    def _confirmed(self, listener: Listener, redis_channel: str) -> None:
+        if self._route.get(redis_channel) != listener.node:
             return
-        self._canary_pending = None
-        if not self.canary_ok:
-            log.warning("canary received again: the pub/sub listener is delivering")
-            self.canary_ok = True
-            self.canary_error = ""
+        for future in self._waiters.pop(redis_channel, []):
+            if not future.done():
+                future.set_result(None)
 
+    def _up(self, listener: Listener, again: bool) -> None:
+        self._ever_connected = True
+        if self._on_reconnect is None:
+            return
+        if not again:
+            if self.cluster:
+                self._on_reconnect([])  # a new master: nothing missed, but its library may be missing
+            return
+        if not self.cluster:
+            self._on_reconnect(None)
+            return
+        channels = sorted(listener.wanted())
+        if channels:
+            self._missed(channels)
+
+    def _missed(self, redis_channels: list[str]) -> None:
+        if self._on_reconnect is None or self._stopping:
+            return
+        names = [name for c in redis_channels if (name := self._keys.channel_name(c.encode())) is not None]
+        if names:
+            self._on_reconnect(names)
+
+    def _dropped(self, listener: Listener, redis_channel: str) -> None:
+        """Redis dropped a subscription (its slot migrated): read the map, move the channel."""
+        log.info("Redis %s dropped the subscription to %s; reading the slot map", listener.node, redis_channel)
+        if self._route.get(redis_channel) == listener.node:
+            del self._route[redis_channel]
+            listener.unwant(redis_channel)
+            if redis_channel in self._wanted:
+                self._missed([redis_channel])
+        self._refresh_now.set()
+
+    def _error(self, listener: Listener) -> None:
+        if self.cluster:
+            self._refresh_now.set()

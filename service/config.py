@@ -197,6 +197,7 @@ class Settings:
     web_concurrency: int = setting(2, _int(1, 512), "gunicorn workers")
     log_level: str = setting("info", _log_level, "gunicorn's and the workers' log level")
     redis_url: str = setting("redis://127.0.0.1:6379/0", _redis_url, "the broker", secret=True, shown=_shown_url)
+    redis_cluster: bool = setting(False, _bool, "the broker is a Redis Cluster: sharded pub/sub")
     redis_prefix: str = setting("broadcast:", _prefix, "prefix of every Redis channel and key")
     redis_pool_size: int = setting(10, _int(2, 1000), "Redis connections per worker, pub/sub included")
     redis_pool_timeout: float = setting(5.0, _float(0, 300, open_lo=True), "wait for a pool connection")

@@ -88,7 +88,7 @@ async def cluster(request: Request) -> Response:
     if (refusal := _refusal(request)) is not None:
         return refusal
     service = request.app.state.node
-    doc = await health.cluster_report(service.broker.redis, service.keys, health.CLUSTER_TIMEOUT)
+    doc = await health.cluster_report(service.broker.masters(), service.keys, health.CLUSTER_TIMEOUT)
     # Always 200: a failing cluster is what the page is there to show, not an error to fetch.
     return Response(codec.dumps(doc), media_type="application/json", headers={"Cache-Control": "no-store"})
 

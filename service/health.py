@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from service import codec
 from service.config import Settings
 from service.keys import Keys
+from service.topology import Nodes, One
 
 log = logging.getLogger("wsbroadcast.health")
 
@@ -42,14 +43,14 @@ class Heartbeat:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | Nodes,
         key: str,
         settings: Settings,
         doc: Callable[[], dict[str, Any]],
         status: Callable[[], tuple[str, list[str]]],
         line: Callable[[], str],
     ) -> None:
-        self._redis = redis
+        self._nodes: Nodes = One(redis) if isinstance(redis, Redis) else redis
         self._key = key
         self._interval = settings.heartbeat_interval
         self._stats_interval = settings.stats_log_interval
@@ -63,7 +64,7 @@ class Heartbeat:
         # Bounded by the interval: against a stalled Redis the loop must go on watching the
         # status (and try again) instead of waiting for the pool's socket timeout.
         async with asyncio.timeout(self._interval):
-            await self._redis.set(self._key, payload, px=ttl_ms)
+            await self._nodes.run(self._key, lambda redis: redis.set(self._key, payload, px=ttl_ms))
 
     async def run(self) -> None:
         last_log = time.monotonic()
@@ -89,7 +90,7 @@ class Heartbeat:
     async def remove(self) -> None:
         try:
             async with asyncio.timeout(min(self._interval, REMOVE_TIMEOUT)):
-                await self._redis.delete(self._key)
+                await self._nodes.run(self._key, lambda redis: redis.delete(self._key))
         except (RedisError, OSError) as exc:
             log.warning("heartbeat key %s not deleted: %r (it expires by TTL)", self._key, exc)
 
@@ -193,31 +194,47 @@ def check_heartbeat(key: str, raw: bytes | str, keys: Keys) -> dict[str, Any] | 
     return doc
 
 
-async def read_cluster(redis: Redis, keys: Keys) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Every live worker's heartbeat (SCAN, never KEYS), and the keys there that hold none.
+async def read_cluster(
+    redis: Redis | Sequence[Redis], keys: Keys
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Every live worker's heartbeat (SCAN, never KEYS; on a Redis Cluster, on every master), and
+    the keys there that hold none.
 
     The second list names each invalid key and why (key names are Redis's, shown as UTF-8 with
     replacements). Raises RedisError/OSError if Redis is unreachable.
     """
+    workers: list[dict[str, Any]] = []
+    invalid: list[dict[str, str]] = []
+    for node in [redis] if isinstance(redis, Redis) else redis:
+        await _read_node(node, keys, workers, invalid)
+    workers.sort(key=lambda w: (w["worker"]["host"], w["worker"]["pid"]))
+    invalid.sort(key=lambda entry: entry["key"])
+    return workers, invalid
+
+
+async def _read_node(redis: Redis, keys: Keys, workers: list[dict[str, Any]], invalid: list[dict[str, str]]) -> None:
     found: list[bytes] = []
     async for key in redis.scan_iter(match=keys.worker_pattern(), count=500):
         found.append(key)
-    workers: list[dict[str, Any]] = []
-    invalid: list[dict[str, str]] = []
     absent: list[bytes] = []
     for start in range(0, len(found), 500):
         batch = found[start : start + 500]
-        for key_bytes, raw in zip(batch, await redis.mget(batch), strict=True):
+        # GETs in a pipeline, not MGET: a cluster node refuses an MGET of keys in several slots.
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in batch:
+                pipe.get(key)
+            values = await pipe.execute(raise_on_error=False)
+        for key_bytes, raw in zip(batch, values, strict=True):
             key = key_bytes.decode("utf-8", "replace")
-            if raw is None:
-                absent.append(key_bytes)  # expired between SCAN and MGET, or not a string
+            if raw is None or isinstance(raw, Exception):
+                absent.append(key_bytes)  # expired between SCAN and GET, or not a string
                 continue
             checked = check_heartbeat(key, raw, keys)
             if isinstance(checked, str):
                 invalid.append({"key": key, "why": checked})
             else:
                 workers.append(checked)
-    # MGET answers nil for a key of another type too: tell those from expired heartbeats.
+    # GET answers nil for an expired key and an error for a key of another type: tell them apart.
     for start in range(0, len(absent), 500):
         batch_keys = absent[start : start + 500]
         async with redis.pipeline(transaction=False) as pipe:
@@ -228,9 +245,6 @@ async def read_cluster(redis: Redis, keys: Keys) -> tuple[list[dict[str, Any]], 
             name = kind.decode() if isinstance(kind, bytes) else str(kind)
             if name != "none":
                 invalid.append({"key": key_bytes.decode("utf-8", "replace"), "why": f"a Redis {name}, not a string"})
-    workers.sort(key=lambda w: (w["worker"]["host"], w["worker"]["pid"]))
-    invalid.sort(key=lambda entry: entry["key"])
-    return workers, invalid
 
 
 def stale_after(interval: float) -> float:
@@ -303,7 +317,7 @@ def summarize(
     }
 
 
-async def cluster_report(redis: Redis, keys: Keys, timeout: float | None = None) -> dict[str, Any]:
+async def cluster_report(redis: Redis | Sequence[Redis], keys: Keys, timeout: float | None = None) -> dict[str, Any]:
     """read_cluster + summarize; Redis unreachable (or silent for ``timeout`` s) makes the cluster
     failing, never raises for it."""
     try:

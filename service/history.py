@@ -32,18 +32,39 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from service.keys import Keys
+from service.topology import Nodes, One
 from service.wire import CHANNEL_RULE
 
 LIBRARY = "wsbroadcast"
 
 # Bump VERSION with any change to the code: workers load the library with REPLACE, and the
 # version in the source makes a mixed deployment's library visible (FUNCTION LIST).
-VERSION = 2
+VERSION = 3
 
 _SOURCE = """#!lua name=wsbroadcast
 -- wsbroadcast v__VERSION__: channel offsets, epochs and history
-local function position(meta, stream, meta_ttl)
+-- Cluster only: true when the channel's metadata was last written by another node that failed or
+-- is now a replica: this node took over by failover, and replication being asynchronous, it may
+-- lack the last publications the old master made (and workers delivered). A node that is still a
+-- healthy master handed the slot over by migration, with the history whole.
+local function taken_over(meta)
+  local me = redis.call('CLUSTER', 'MYID')
+  local owner = redis.call('HGET', meta, 'owner')
+  if owner == me then return false end
+  redis.call('HSET', meta, 'owner', me)
+  if not owner then return false end
+  local line = string.match('\\n' .. redis.call('CLUSTER', 'NODES'), '\\n' .. owner .. ' [^\\n]*')
+  local flags = line and string.match(line, '^\\n?%S+ %S+ (%S+)')
+  return not flags or string.find(flags, 'fail', 1, true) ~= nil or string.find(flags, 'slave', 1, true) ~= nil
+end
+
+local function position(meta, stream, meta_ttl, sharded)
   local epoch = redis.call('HGET', meta, 'epoch')
+  if sharded and taken_over(meta) then
+    -- Offsets the old master gave out may be missing here: a new lifetime, so that none is
+    -- given out twice (workers announce the change as a gap).
+    epoch = false
+  end
   if not epoch then
     -- A new lifetime of the channel's history, named by the time (no earlier lifetime of this
     -- key had that name); a stream left from an earlier lifetime (metadata evicted) is dropped.
@@ -56,47 +77,60 @@ local function position(meta, stream, meta_ttl)
   return epoch, tonumber(redis.call('HGET', meta, 'top'))
 end
 
-redis.register_function('wsb_publish', function(keys, args)
-  -- keys: meta, stream[, idempotency key]; args: pub/sub channel, channel, data, history size,
-  -- history ttl ms, meta ttl ms[, idempotency window ms, fingerprint of the publication].
-  -- Answers {replayed (0/1), offset, epoch, receivers, fingerprint}.
-  local meta, stream, idem = keys[1], keys[2], keys[3]
-  local pubsub, channel, data = args[1], args[2], args[3]
-  local size, ttl, meta_ttl = tonumber(args[4]), tonumber(args[5]), tonumber(args[6])
-  if idem then
-    local first = redis.call('GET', idem)
-    if first then
-      local fp, offset, epoch, receivers = string.match(first, '^(%S*) (%d+) (%S+) (%d+)$')
-      return {1, tonumber(offset), epoch, tonumber(receivers), fp}
+local function publisher(sharded)
+  return function(keys, args)
+    -- keys: meta, stream[, idempotency key]; args: pub/sub channel, channel, data, history size,
+    -- history ttl ms, meta ttl ms[, idempotency window ms, fingerprint of the publication].
+    -- Answers {replayed (0/1), offset, epoch, receivers, fingerprint}.
+    local meta, stream, idem = keys[1], keys[2], keys[3]
+    local pubsub, channel, data = args[1], args[2], args[3]
+    local size, ttl, meta_ttl = tonumber(args[4]), tonumber(args[5]), tonumber(args[6])
+    if idem then
+      local first = redis.call('GET', idem)
+      if first then
+        local fp, offset, epoch, receivers = string.match(first, '^(%S*) (%d+) (%S+) (%d+)$')
+        return {1, tonumber(offset), epoch, tonumber(receivers), fp}
+      end
     end
+    if #channel > 128 or not string.match(channel, '^[%w_.:-]+$') then
+      return redis.error_reply('ERR wsbroadcast: __CHANNEL_RULE__')
+    end
+    if not pcall(cjson.decode, data) then
+      return redis.error_reply('ERR wsbroadcast: data is not valid JSON')
+    end
+    local epoch = position(meta, stream, meta_ttl, sharded)
+    local top = redis.call('HINCRBY', meta, 'top', 1)
+    local frame = '{"channel":"' .. channel .. '","offset":' .. top .. ',"epoch":"' .. epoch .. '","data":'
+      .. data .. '}'
+    if size > 0 then
+      redis.call('XADD', stream, 'MAXLEN', size, top .. '-0', 'f', frame)
+      redis.call('PEXPIRE', stream, ttl)
+    end
+    local fingerprint = args[8] or ''
+    if idem then
+      -- Written before the PUBLISH: a write refused here fails the call with nothing published.
+      redis.call('SET', idem, fingerprint .. ' ' .. top .. ' ' .. epoch .. ' 0', 'PX', args[7])
+    end
+    local receivers = redis.call(sharded and 'SPUBLISH' or 'PUBLISH', pubsub, frame)
+    if idem then
+      redis.call('SET', idem, fingerprint .. ' ' .. top .. ' ' .. epoch .. ' ' .. receivers, 'PX', args[7])
+    end
+    return {0, top, epoch, receivers, fingerprint}
   end
-  if #channel > 128 or not string.match(channel, '^[%w_.:-]+$') then
-    return redis.error_reply('ERR wsbroadcast: __CHANNEL_RULE__')
-  end
-  if not pcall(cjson.decode, data) then
-    return redis.error_reply('ERR wsbroadcast: data is not valid JSON')
-  end
-  local epoch = position(meta, stream, meta_ttl)
-  local top = redis.call('HINCRBY', meta, 'top', 1)
-  local frame = '{"channel":"' .. channel .. '","offset":' .. top .. ',"epoch":"' .. epoch .. '","data":' .. data .. '}'
-  if size > 0 then
-    redis.call('XADD', stream, 'MAXLEN', size, top .. '-0', 'f', frame)
-    redis.call('PEXPIRE', stream, ttl)
-  end
-  local fingerprint = args[8] or ''
-  if idem then
-    -- Written before the PUBLISH: a write refused here fails the call with nothing published.
-    redis.call('SET', idem, fingerprint .. ' ' .. top .. ' ' .. epoch .. ' 0', 'PX', args[7])
-  end
-  local receivers = redis.call('PUBLISH', pubsub, frame)
-  if idem then
-    redis.call('SET', idem, fingerprint .. ' ' .. top .. ' ' .. epoch .. ' ' .. receivers, 'PX', args[7])
-  end
-  return {0, top, epoch, receivers, fingerprint}
-end)
+end
+
+-- wsb_publish on one Redis (PUBLISH); wsb_spublish on a Redis Cluster (SPUBLISH: the shard channel
+-- is in the slot of the keys, so the one node serving it runs the whole call).
+redis.register_function('wsb_publish', publisher(false))
+redis.register_function('wsb_spublish', publisher(true))
 
 redis.register_function('wsb_position', function(keys, args)
-  local epoch, top = position(keys[1], keys[2], tonumber(args[1]))
+  local epoch, top = position(keys[1], keys[2], tonumber(args[1]), false)
+  return {top, epoch}
+end)
+
+redis.register_function('wsb_sposition', function(keys, args)
+  local epoch, top = position(keys[1], keys[2], tonumber(args[1]), true)
   return {top, epoch}
 end)
 
@@ -158,32 +192,38 @@ class Range:
 
 
 class History:
-    """Positions and reads of the ``wsbroadcast`` function library on one Redis (publishing is
-    ``service.publisher``'s, which says what is known when it fails)."""
+    """Positions and reads of the ``wsbroadcast`` function library on one Redis or a cluster's
+    masters (publishing is ``service.publisher``'s, which says what is known when it fails)."""
 
-    def __init__(self, redis: Redis, keys: Keys, settings: HistorySettings) -> None:
-        self._redis = redis
+    def __init__(self, redis: Redis | Nodes, keys: Keys, settings: HistorySettings) -> None:
+        self._nodes: Nodes = One(redis) if isinstance(redis, Redis) else redis
         self._keys = keys
         self.size = settings.history_size
         self._meta_ttl_ms = str(int(settings.history_meta_ttl * 1000))
+        self._position = "wsb_sposition" if self._nodes.cluster else "wsb_position"
 
     async def load(self) -> None:
-        """Load (or replace) the function library."""
-        await self._redis.function_load(LUA, replace=True)
+        """Load (or replace) the function library, on every master of a cluster."""
+        for redis in self._nodes.masters():
+            await redis.function_load(LUA, replace=True)
 
     async def _call(self, function: str, channel: str, *args: str) -> Any:
         keys = (self._keys.meta(channel), self._keys.history(channel))
-        try:
-            return await self._redis.fcall(function, 2, *keys, *args)
-        except ResponseError as exc:
-            if not missing_library(exc):
-                raise
-        await self.load()
-        return await self._redis.fcall(function, 2, *keys, *args)
+
+        async def call(redis: Redis) -> Any:
+            try:
+                return await redis.fcall(function, 2, *keys, *args)
+            except ResponseError as exc:
+                if not missing_library(exc):
+                    raise
+            await redis.function_load(LUA, replace=True)
+            return await redis.fcall(function, 2, *keys, *args)
+
+        return await self._nodes.run(keys[0], call)
 
     async def position(self, channel: str) -> Position:
         """The channel's top offset and epoch, creating the epoch on first use."""
-        reply = await self._call("wsb_position", channel, self._meta_ttl_ms)
+        reply = await self._call(self._position, channel, self._meta_ttl_ms)
         return Position(int(reply[0]), _text(reply[1]))
 
     async def read(self, channel: str, since: Position) -> Range:

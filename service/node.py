@@ -58,13 +58,13 @@ class Node:
         )
         self.tracker = Tracker(settings.max_connections, settings.idle_timeout, self.hub.last_publish, counters)
         self.broker = Broker(settings, self.keys, self.worker_id, self._on_message, self._on_reconnect, counters)
-        self.history = History(self.broker.redis, self.keys, settings)
+        self.history = History(self.broker, self.keys, settings)
         self.recovery = Recovery(self.history, self.hub)
         self.memory = MemoryMonitor(settings, self.tracker)
         self.metrics = Metrics(counters, self.tracker, self.memory, self.broker)
         self.hub.on_fanout = self.metrics.observe_fanout
         self.heartbeat = health.Heartbeat(
-            self.broker.redis, self.keys.worker(*self.worker_id), settings, self.heartbeat_doc, self.status,
+            self.broker, self.keys.worker(*self.worker_id), settings, self.heartbeat_doc, self.status,
             self.stats_line,
         )
         self._tasks: list[asyncio.Task[None]] = []
@@ -106,11 +106,12 @@ class Node:
     def _on_hole(self, channel: str, offset: int, epoch: str) -> None:
         self.recovery.on_hole(channel, offset, epoch)
 
-    def _on_reconnect(self) -> None:
-        # A Redis that restarted without persistence has lost the function library too.
+    def _on_reconnect(self, channels: list[str] | None) -> None:
+        # A Redis that restarted without persistence has lost the function library too (and a
+        # replica promoted to master may have missed its last load).
         self._tasks = [task for task in self._tasks if not task.done()]
         self._tasks.append(asyncio.get_running_loop().create_task(self.load_library(), name="library"))
-        self.recovery.check_all(self.confirmed)
+        self.recovery.check_all(self.confirmed, channels)
 
     async def load_library(self) -> None:
         """Load the publish function into Redis (every publish path also loads it when missing,
@@ -201,6 +202,7 @@ class Node:
                 "reconnects": counters.reconnects,
                 "last_error": broker.last_error if not broker.connected else None,
                 "pool": broker.pool_usage(),
+                **({"nodes": broker.nodes()} if broker.cluster else {}),
             },
             "memory": self.memory.stats(),
             "settings": settings.public(),

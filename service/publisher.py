@@ -86,12 +86,14 @@ class _Command:
 
 
 def command(settings: Settings, channel: str, data: bytes, idempotency_key: str | None = None) -> _Command:
-    """The call of ``wsb_publish`` that publishes the JSON ``data`` bytes on ``channel``."""
+    """The call of ``wsb_publish`` that publishes the JSON ``data`` bytes on ``channel``
+    (``wsb_spublish``, the same with sharded pub/sub, on a Redis Cluster)."""
     keys, args = history.publish_call(
         Keys(settings.redis_prefix), settings, channel, data, idempotency_key, settings.idempotency_window
     )
     fingerprint = history.fingerprint(channel, data) if idempotency_key is not None else ""
-    return _Command(("FCALL", "wsb_publish", len(keys), *keys, *args), fingerprint)
+    function = "wsb_spublish" if settings.redis_cluster else "wsb_publish"
+    return _Command(("FCALL", function, len(keys), *keys, *args), fingerprint)
 
 
 def check_key(idempotency_key: str | None) -> None:
@@ -115,11 +117,12 @@ def _text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def execute(pool: AsyncPool, cmd: _Command) -> Published:
+async def execute(pool: AsyncPool, cmd: _Command, asking: bool = False) -> Published:
     """Run ``cmd`` on a connection connected before anything is sent, so failures say what is known.
 
     The wait for the answer is the pool's ``socket_timeout`` (a timeout passed to read_response
-    would return None and leave the answer to be read by the connection's next user).
+    would return None and leave the answer to be read by the connection's next user). ``asking``:
+    the node imports the slot from another that answered ASK (a migration under way).
     """
     try:
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
@@ -131,17 +134,14 @@ async def execute(pool: AsyncPool, cmd: _Command) -> Published:
         except (RedisError, OSError) as exc:
             raise Refused(_text(exc)) from exc
         try:
-            await conn.send_command(*cmd.args)
             try:
-                reply = await conn.read_response()
+                reply = await _call(conn, cmd.args, asking)
             except ResponseError as exc:
                 if not history.missing_library(exc):
                     raise
                 # Not run (a Redis that restarted without persistence): load the library, again.
-                await conn.send_command("FUNCTION", "LOAD", "REPLACE", history.LUA)
-                await conn.read_response()
-                await conn.send_command(*cmd.args)
-                reply = await conn.read_response()
+                await _call(conn, ("FUNCTION", "LOAD", "REPLACE", history.LUA), asking=False)
+                reply = await _call(conn, cmd.args, asking)
         except ResponseError as exc:
             raise Refused(f"Redis refused the command: {exc}") from exc
         except (RedisError, OSError) as exc:
@@ -154,6 +154,14 @@ async def execute(pool: AsyncPool, cmd: _Command) -> Published:
         return cmd.result(reply)
     finally:
         await pool.release(conn)
+
+
+async def _call(conn: Any, args: tuple[Any, ...], asking: bool) -> Any:
+    if asking:
+        await conn.send_command("ASKING")
+        await conn.read_response()
+    await conn.send_command(*args)
+    return await conn.read_response()
 
 
 def execute_sync(pool: ConnectionPool, cmd: _Command) -> Published:

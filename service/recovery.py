@@ -174,11 +174,15 @@ class Recovery:
         self._fills.add(task)
         task.add_done_callback(self._fills.discard)
 
-    def check_all(self, confirmed: Callable[[str], Awaitable[None]]) -> None:
+    def check_all(self, confirmed: Callable[[str], Awaitable[None]], channels: list[str] | None = None) -> None:
         """After a pub/sub reconnect: once each positioned channel's subscription is confirmed
         again, read its publications since its last accepted offset, so whatever was published
-        while the listener was away is delivered."""
-        for channel in self._hub.positioned():
+        while the listener was away is delivered. ``channels``: only those (a cluster node's)."""
+        positioned = self._hub.positioned()
+        if channels is not None:
+            wanted = set(channels)
+            positioned = [channel for channel in positioned if channel in wanted]
+        for channel in positioned:
             task = asyncio.get_running_loop().create_task(self._check(channel, confirmed))
             self._fills.add(task)
             task.add_done_callback(self._fills.discard)

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from tests.support import ROOT
+from tests.support.servers import ROOT
 
 
 def test_breakdown_tables_account_for_every_traced_byte() -> None:

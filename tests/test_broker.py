@@ -11,21 +11,22 @@ from scripts.redis_server import PrivateRedis
 from service.broker import Broker
 from service.config import Settings
 from service.keys import Keys
-from tests.support import async_wait_until
+from tests.support.waits import async_wait_until
 
 
 async def _broker(url: str, received: list[tuple[str, bytes]], replies: list[bytes] | None = None) -> Broker:
     settings = Settings(redis_url=url, redis_prefix="bk:")
     broker = Broker(settings, Keys("bk:"), ("test", 1), lambda c, p: received.append((c, p)))
+    listener = broker._listeners[broker.topology.masters[0]]
     if replies is not None:
-        handle = broker._handle
+        handle = listener._handle
 
         def recording(response: Any) -> None:  # notes the (un)subscribe replies for channel x
             if isinstance(response, list) and response[1:2] == [b"bk:x"]:
                 replies.append(response[0])
             handle(response)
 
-        broker._handle = recording  # type: ignore[method-assign]
+        listener._handle = recording  # type: ignore[method-assign]
     broker.start()
 
     async def up() -> bool:
@@ -41,6 +42,7 @@ async def test_a_resubscribe_during_unsubscribe_is_acked_only_once_redis_deliver
     received: list[tuple[str, bytes]] = []
     replies: list[bytes] = []
     broker = await _broker(redis_server.url, received, replies)
+    listener = broker._listeners[broker.topology.masters[0]]
     publisher = aioredis.Redis.from_url(redis_server.url)
     try:
         for attempt in range(10):  # the window is short: try it repeatedly, every time must hold
@@ -48,7 +50,7 @@ async def test_a_resubscribe_during_unsubscribe_is_acked_only_once_redis_deliver
             assert await broker.confirmed("x", 5)
             broker.unwant("x")  # the last local listener left ...
             for _ in range(1000):
-                if "bk:x" not in broker._sent:  # ... and UNSUBSCRIBE is on its way
+                if "bk:x" not in listener._sent:  # ... and UNSUBSCRIBE is on its way
                     break
                 await asyncio.sleep(0)
             del replies[:]

@@ -22,7 +22,9 @@ from playwright.sync_api import BrowserContext, Page
 
 from scripts.redis_server import PrivateRedis
 from tests.browser import TIMEOUT_MS, chromium, save_screenshot, screenshot_dir
-from tests.support import ROOT, Service, SteadyPublisher, reload_workers, wait_until
+from tests.support.publishers import SteadyPublisher
+from tests.support.servers import ROOT, Service, reload_workers
+from tests.support.waits import wait_until
 
 
 def example_page(service: Service) -> str:

@@ -13,7 +13,9 @@ import pytest
 
 from scripts.redis_server import PrivateRedis
 from service.gate import mint_token
-from tests.support import Service, recv_ack, wait_until
+from tests.support.clients import recv_ack
+from tests.support.servers import Service
+from tests.support.waits import wait_until
 from workers.logfilter import redact
 
 SECRET = "connect-secret-logs-7d1e"

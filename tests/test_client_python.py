@@ -13,7 +13,9 @@ import pytest
 from scripts.redis_server import PrivateRedis
 from service.client import Gap, Position, Publication, ServerError, StateChange, Subscribed, Subscriber
 from service.gate import mint_token
-from tests.support import Service, SteadyPublisher, async_wait_until, reload_workers
+from tests.support.publishers import SteadyPublisher
+from tests.support.servers import Service, reload_workers
+from tests.support.waits import async_wait_until
 
 
 async def until(condition: Any, timeout: float = 30.0, what: str = "") -> Any:

@@ -23,18 +23,12 @@ from websockets.asyncio.client import ClientConnection
 
 from scripts.redis_server import PrivateRedis, free_port
 from service import health
-from tests.support import ROOT, Service, subscribe_client, wait_until, worker_of
+from tests.support.clients import subscribe_client, worker_of
+from tests.support.commands import run_health
+from tests.support.servers import ROOT, Service
+from tests.support.waits import wait_until
 
-INTERVAL = 0.5  # HEARTBEAT_INTERVAL that tests.support.Service sets
-
-
-def run_health(redis_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """The coordinator as an operator runs it: its own process, configured by the environment."""
-    env = {**os.environ, "REDIS_URL": redis_url, "REDIS_PREFIX": prefix}
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.health", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
-    )
+INTERVAL = 0.5  # HEARTBEAT_INTERVAL that tests.support.servers.Service sets
 
 
 def health_json(redis_url: str, prefix: str) -> tuple[int, dict[str, Any]]:

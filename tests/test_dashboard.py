@@ -13,7 +13,7 @@ from websockets.sync.client import connect
 
 from scripts.redis_server import PrivateRedis
 from tests.browser import TIMEOUT_MS, chromium, save_screenshot, screenshot_dir
-from tests.support import ADMIN_TOKEN, Service
+from tests.support.servers import ADMIN_TOKEN, Service
 
 PATHS = ("/dashboard", "/dashboard/dashboard.js", "/dashboard/cluster")
 

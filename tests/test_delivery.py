@@ -10,16 +10,16 @@ import pytest
 import redis
 
 from scripts.redis_server import PrivateRedis
-from tests.support import (
-    Service,
+from tests.support.clients import (
     clients_on_both_workers,
     recv_ack,
     recv_json,
     recv_publication,
     subscribe_client,
-    wait_until,
     worker_of,
 )
+from tests.support.servers import Service
+from tests.support.waits import wait_until
 
 
 @pytest.fixture(scope="module", params=["fast-path", "asgi-path"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 
 import orjson
 import pytest
@@ -15,15 +14,15 @@ from redis.asyncio import Redis
 from scripts.health import format_report, redis_source
 from scripts.redis_server import PrivateRedis, free_port
 from service.config import Settings
-from tests.support import ROOT, Service, subscribe_client, wait_until
+from tests.support.clients import subscribe_client
+from tests.support.commands import command
+from tests.support.servers import Service
+from tests.support.waits import wait_until
 
 
 def _health(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDIS_PREFIX")}
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.health", *args], cwd=ROOT, env={**environ, **env},
-        capture_output=True, text=True, timeout=60,
-    )
+    return command("health", *args, env={**environ, **env})
 
 
 def test_the_redis_is_named_as_the_client_connects_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,10 +47,7 @@ def test_the_redis_is_named_as_the_client_connects_to_it(monkeypatch: pytest.Mon
 async def test_the_table_and_json_name_the_redis_they_read(redis_server: PrivateRedis) -> None:
     with Service(redis_server.url, workers=1) as service:
         ws = await subscribe_client(service, "named")
-        await asyncio.to_thread(
-            wait_until, lambda: sum(b["connections"]["current"] for b in service.heartbeats()) == 1, 20, 0.1,
-            "the connection in a heartbeat",
-        )
+        await asyncio.to_thread(wait_until, lambda: service.connections() == 1, 20, 0.1, "the connection counted")
         expected = f"redis://127.0.0.1:{redis_server.port}/0"
         table = await asyncio.to_thread(_health, REDIS_URL=redis_server.url, REDIS_PREFIX=service.prefix)
         assert table.returncode == 0, table.stderr

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -17,8 +15,10 @@ import redis
 
 from scripts.redis_server import PrivateRedis
 from service import health
-from service.keys import Keys
-from tests.support import ADMIN_TOKEN, ROOT, Service, async_wait_until, subscribe_client, wait_until
+from tests.support.clients import subscribe_client
+from tests.support.commands import run_health
+from tests.support.servers import ADMIN_TOKEN, Service
+from tests.support.waits import async_wait_until, wait_until
 
 CANARY = 1.0  # CANARY_INTERVAL of the stall test
 POOL_SOCKET_TIMEOUT = 5.0  # the broker pool's socket_timeout
@@ -98,61 +98,6 @@ async def test_stalled_redis_turns_every_worker_degraded_and_back(own_redis: Pri
 # --- foreign heartbeat keys ----------------------------------------------------------------------
 
 
-def test_check_heartbeat_names_what_is_wrong() -> None:
-    keys = Keys("p:")
-    good: dict[str, Any] = {
-        "status": "ok",
-        "reasons": [],
-        "worker": {"host": "h", "pid": 7, "id": "h:7"},
-        "ts": 1.5,
-        "heartbeat_interval": 5.0,
-        "connections": {"current": 1, "peak": 2, "limit": 10, "effective_limit": 10},
-        "subscriptions": {"news": 1},
-        "memory": {"rss_bytes": 100, "pressure": False, "limit_bytes": 0, "usage": 0.0},
-    }
-    key = keys.worker("h", 7)
-    assert health.check_heartbeat(key, orjson.dumps(good), keys) == good
-
-    def broken(path: str, value: Any) -> bytes:
-        doc = orjson.loads(orjson.dumps(good))
-        *parents, last = path.split(".")
-        target = doc
-        for part in parents:
-            target = target[part]
-        if value is KeyError:
-            del target[last]
-        else:
-            target[last] = value
-        return orjson.dumps(doc)
-
-    cases = {
-        b"{}": "missing worker.id",
-        b"[]": "an array, not a heartbeat object",
-        b"42": "a number, not a heartbeat object",
-        b'"x"': "a string, not a heartbeat object",
-        b"null": "null, not a heartbeat object",
-        b"not json": "not JSON",
-        broken("connections", KeyError): "missing connections.current",
-        broken("connections.current", "3"): "connections.current is a string, expected an integer",
-        broken("connections.current", True): "connections.current is a boolean, expected an integer",
-        broken("connections.current", -1): "connections.current is negative",
-        broken("memory.rss_bytes", 1.5): "memory.rss_bytes is a number, expected an integer",
-        broken("ts", None): "ts is null, expected a number",
-        broken("subscriptions", []): "subscriptions is an array, expected an object",
-        broken("subscriptions", {"a": "1"}): "a subscription count is a string, expected an integer",
-        broken("status", "great"): "status 'great' is not one of ok, degraded, failing",
-        broken("reasons", [1]): "reasons holds a non-string",
-        broken("heartbeat_interval", 0): "heartbeat_interval is not positive",
-        broken("connections.effective_limit", "x"): "connections.effective_limit is a string, expected an integer",
-        broken("worker.pid", 8): "worker.host and worker.pid do not match the key",
-    }
-    for raw, why in cases.items():
-        assert health.check_heartbeat(key, raw, keys) == why, raw
-    # A heartbeat of an older worker without the optional fields is still read.
-    older = broken("connections.effective_limit", KeyError)
-    assert isinstance(health.check_heartbeat(key, older, keys), dict)
-
-
 FOREIGN: dict[str, bytes] = {
     "empty-object": b"{}",
     "array": b"[]",
@@ -162,20 +107,10 @@ FOREIGN: dict[str, bytes] = {
 }
 
 
-def _run_health(redis_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "REDIS_URL": redis_url, "REDIS_PREFIX": prefix}
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.health", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-
-
 async def test_foreign_heartbeat_keys_are_listed_and_the_real_figures_stay_right(redis_server: PrivateRedis) -> None:
     with Service(redis_server.url, workers=2) as service:
         ws = await subscribe_client(service, "kept")
-        await asyncio.to_thread(
-            wait_until, lambda: sum(b["connections"]["current"] for b in service.heartbeats()) == 1, 20, 0.1,
-            "the connection in a heartbeat",
-        )
+        await asyncio.to_thread(wait_until, lambda: service.connections() == 1, 20, 0.1, "the connection counted")
         client = redis.Redis.from_url(redis_server.url)
         worker_keys = sorted(k.decode() for k in client.scan_iter(match=f"{service.prefix}worker:*"))
         real = orjson.loads(client.get(worker_keys[0]) or b"")
@@ -215,12 +150,12 @@ async def test_foreign_heartbeat_keys_are_listed_and_the_real_figures_stay_right
             public = (await asyncio.to_thread(service.get, "/health/cluster", False)).json()
             assert public["totals"]["invalid_heartbeats"] == invalid_count and "invalid" not in public
 
-            text = await asyncio.to_thread(_run_health, redis_server.url, service.prefix)
+            text = await asyncio.to_thread(run_health, redis_server.url, service.prefix)
             assert text.returncode == 1, text.stdout + text.stderr
             assert text.stderr == "" and "Traceback" not in text.stdout
             assert "status: degraded" in text.stdout and "invalid heartbeat: " in text.stdout
             assert "workers 2 on 1 host" in text.stdout
-            as_json = await asyncio.to_thread(_run_health, redis_server.url, service.prefix, "--json")
+            as_json = await asyncio.to_thread(run_health, redis_server.url, service.prefix, "--json")
             assert as_json.returncode == 1 and as_json.stderr == "", as_json.stderr
             report = orjson.loads(as_json.stdout)
             assert report["totals"]["invalid_heartbeats"] == invalid_count and report["totals"]["workers"] == 2
@@ -236,12 +171,12 @@ def test_only_foreign_keys_is_failing_without_a_traceback(redis_server: PrivateR
     try:
         for name, raw in FOREIGN.items():
             client.set(f"{prefix}worker:{name}", raw, ex=600)
-        done = _run_health(redis_server.url, prefix)
+        done = run_health(redis_server.url, prefix)
         assert done.returncode == 2, done.stdout + done.stderr
         assert "Traceback" not in done.stdout + done.stderr
         assert "status: failing: no live workers; 5 invalid heartbeat keys" in done.stdout
         assert done.stderr.startswith("health: failing: no live workers; 5 invalid") and done.stderr.count("\n") == 1
-        as_json = _run_health(redis_server.url, prefix, "--json")
+        as_json = run_health(redis_server.url, prefix, "--json")
         assert as_json.returncode == 2 and orjson.loads(as_json.stdout)["totals"]["invalid_heartbeats"] == 5
     finally:
         client.delete(*(f"{prefix}worker:{name}" for name in FOREIGN))
@@ -301,7 +236,7 @@ async def test_without_admin_token_there_is_no_detail_over_http(redis_server: Pr
                 assert "ADMIN_TOKEN is unset" in refused.json()["error"]
         # The coordinator reads Redis directly: the full figures stay available to operators there.
         await asyncio.to_thread(
-            wait_until, lambda: SECRET_CHANNEL in _run_health(redis_server.url, service.prefix).stdout, 30, 0.2,
+            wait_until, lambda: SECRET_CHANNEL in run_health(redis_server.url, service.prefix).stdout, 30, 0.2,
             "scripts/health to list the channel",
         )
         await ws.close()

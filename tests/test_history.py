@@ -17,6 +17,9 @@ from service.history import History, Position
 from service.keys import Keys
 from service.publication import InvalidPublication
 from service.publisher import IdempotencyConflict, Published, publish
+from tests.support.clients import recv_ack, recv_json
+from tests.support.servers import Service
+from tests.support.waits import async_wait_until
 
 
 class _Rig:
@@ -183,8 +186,6 @@ async def test_an_idempotency_key_makes_a_retry_answer_the_first_result(redis: R
 async def test_the_readme_redis_cli_call_publishes_recoverably_through_a_running_service(
     redis_server: PrivateRedis, redis: Redis
 ) -> None:
-    from tests.support import Service, async_wait_until, recv_ack, recv_json
-
     await redis.function_flush()  # as a Redis that restarted empty: the service must load it itself
     with Service(redis_server.url, workers=1, prefix="readme:") as service:
         await async_wait_until(lambda: redis.function_list(library="wsbroadcast"), 10, what="the library loaded")

@@ -33,8 +33,8 @@ from websockets.exceptions import ConnectionClosed
 from scripts.redis_server import PrivateRedis, free_port
 from scripts.service_process import ServiceProcess, web_env
 from tests.netns import Host, Lan, NamespacesUnavailable
-from tests.support import async_wait_until
-from tests.test_recovery_e2e import View
+from tests.support.view import View
+from tests.support.waits import async_wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNEL = "feed"

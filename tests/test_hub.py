@@ -1,4 +1,5 @@
-"""The hub's per-channel offsets: in order, duplicates dropped, holes held and filled, gaps announced."""
+"""The hub: publications batched per loop turn; per-channel offsets in order, duplicates dropped,
+holes held and filled, gaps announced."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 
 from service import hub as hub_module
 from service.hub import Hub
-from tests.support import Recorder
+from service.outbound import ws_text_frame
+from tests.support.recorder import Recorder
 
 
 def _frame(offset: int, epoch: str = "E", channel: str = "c") -> bytes:
@@ -139,3 +142,26 @@ async def test_a_hole_held_past_its_bound_is_given_up_as_a_gap(monkeypatch: Any)
     w.publish(7)
     await asyncio.sleep(0)
     assert w.out.seen()[-1] == 7 and w.hub.counters.duplicates == 0
+
+
+async def test_hub_batches_what_arrives_together_and_flushes_on_the_next_iteration() -> None:
+    firsts: list[str] = []
+    hub = Hub(firsts.append, lambda c: None, queue_frames=8, queue_bytes=1 << 20)  # batches of at most 2
+    out = Recorder()
+    hub.add("c", out)
+    hub.activate("c", out)
+    assert firsts == ["c"]
+    assert hub.publish("c", b'"a"') == 1
+    assert out.messages == []  # waits only for the loop to turn
+    await asyncio.sleep(0)
+    assert [m.texts for m in out.messages] == [['"a"']]
+    for text in (b'"b"', b'"c"', b'"d"'):
+        hub.publish("c", text)
+    assert [m.texts for m in out.messages[1:]] == [['"b"', '"c"']]  # flushed early at the batch bound
+    await asyncio.sleep(0)
+    assert [m.texts for m in out.messages[1:]] == [['"b"', '"c"'], ['"d"']]
+    assert out.messages[1].frame == ws_text_frame(b'"b"') + ws_text_frame(b'"c"')
+    assert out.messages[1].count == 2
+    assert hub.publish("nobody", b"1") == 0
+    with pytest.raises(UnicodeDecodeError):
+        hub.publish("c", b"\xff")

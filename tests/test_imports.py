@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.support import ROOT
+from tests.support.servers import ROOT
 
 PACKAGES = ("service", "workers")
 

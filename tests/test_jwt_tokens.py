@@ -8,8 +8,6 @@ import base64
 import hashlib
 import hmac
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from scripts.redis_server import PrivateRedis
 from service.config import Settings, SettingsError
 from service.gate import TokenError, Verifier, verify_claims
-from tests.support import ROOT, Service, recv_ack, recv_json, recv_publication, wait_until
+from tests.support.clients import recv_ack, recv_json, recv_publication
+from tests.support.commands import command
+from tests.support.servers import Service
+from tests.support.waits import wait_until
 
 SECRET = "jwt-connect-secret-0123456789abcdef"  # 35 bytes: at least HMAC-SHA256's 32
 
@@ -134,10 +135,7 @@ def test_connect_public_key_inline_or_from_a_file_and_invalid_ones_stop_start_up
 
 def test_token_command_mints_sub_and_rs256(rsa_key: Any, tmp_path: Path) -> None:
     env = {**os.environ, "CONNECT_SECRET": SECRET}
-    done = subprocess.run(
-        [sys.executable, "-m", "scripts.token", "--channels", "news", "--ttl", "60", "--sub", "user-7"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
-    )
+    done = command("token", "--channels", "news", "--ttl", "60", "--sub", "user-7", env=env, timeout=30)
     assert done.returncode == 0, done.stderr
     decoded = jwt.decode(done.stdout.strip(), SECRET, algorithms=["HS256"])
     assert decoded["sub"] == "user-7" and decoded["channels"] == ["news"] and decoded["exp"] <= time.time() + 61
@@ -148,10 +146,7 @@ def test_token_command_mints_sub_and_rs256(rsa_key: Any, tmp_path: Path) -> None
         )
     )
     env.pop("CONNECT_SECRET")
-    done = subprocess.run(
-        [sys.executable, "-m", "scripts.token", "--channels", "*", "--private-key", str(key_file)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
-    )
+    done = command("token", "--channels", "*", "--private-key", str(key_file), env=env, timeout=30)
     assert done.returncode == 0, done.stderr
     assert jwt.get_unverified_header(done.stdout.strip())["alg"] == "RS256"
     assert Verifier(public_key_pem=_pem_public(rsa_key)).verify(done.stdout.strip()).allows("any")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +12,14 @@ import redis
 from scripts.redis_server import PrivateRedis
 from scripts.service_process import ServiceError, procfile_web
 from service.keys import Keys
-from tests.support import ROOT, Service
+from tests.support.commands import command
+from tests.support.servers import Service
 
 SMALL = ["--rates", "20", "--duration", "1", "--clients", "1", "--settle", "0.2", "--connect-rate", "500"]
 
 
 def _loadtest(*args: str) -> tuple[dict[str, Any], str, str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "scripts.load", *args, *SMALL, "--json", "-"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
-    )
+    result = command("load", *args, *SMALL, "--json", "-", timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     document = orjson.loads(result.stdout[result.stdout.index("\n{") :])
     return document, result.stdout, result.stderr
@@ -55,9 +51,7 @@ def test_url_mode_finds_the_workers_from_their_heartbeats(redis_server: PrivateR
 
 
 def test_help_shows_each_default_and_the_installed_name() -> None:
-    help_text = subprocess.run(
-        [sys.executable, "-m", "scripts.load", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
-    ).stdout
+    help_text = command("load", "--help").stdout
     assert help_text.startswith("usage: scripts/loadtest ")
     assert "wsbroadcast-loadtest" in help_text
     for default in ("(default: 2000)", "(default: 20,50,100,200)", "(default: 5000)", "(default: wsbroadcast)"):
@@ -136,8 +130,5 @@ def test_fanout_frames_published_through_the_function_carry_offsets(redis_server
 
 
 def test_invalid_settings_are_refused_before_anything_starts() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "scripts.load", "fanout", "--compare-env", "HISTORY_SIZE=-1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )
+    result = command("load", "fanout", "--compare-env", "HISTORY_SIZE=-1")
     assert result.returncode == 2 and "--compare-env: HISTORY_SIZE='-1' is invalid" in result.stderr

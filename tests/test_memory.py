@@ -33,8 +33,9 @@ from service.memory import (
     detect_limit,
 )
 from service.tracker import Tracker
-from tests.support import Service, async_wait_until, wait_until
-from tests.test_metrics import scrape
+from tests.support.metrics import scrape
+from tests.support.servers import Service
+from tests.support.waits import async_wait_until, wait_until
 
 MiB = 1024 * 1024
 V1_UNLIMITED = "9223372036854771712\n"

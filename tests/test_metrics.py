@@ -6,44 +6,23 @@ every worker's files, each at most a sync interval (1 s) old, so every check wai
 
 from __future__ import annotations
 
-import base64
 import functools
 import os
 import re
 import signal
-import socket
 from collections import Counter as Tally
 from pathlib import Path
 
 import orjson
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.redis_server import PrivateRedis
-from tests.support import Service, check_ack, clients_on_both_workers, recv_json, wait_until, worker_of
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(service: Service) -> Samples:
-    """Every sample of one /metrics answer, keyed by (name, sorted labels)."""
-    response = service.get("/metrics")
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain; version=")
-    out: Samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def per_worker(samples: Samples, name: str) -> dict[str, float]:
-    """A liveall gauge's series: pid -> value."""
-    return {dict(labels)["pid"]: value for (n, labels), value in samples.items() if n == name}
+from tests.support.clients import clients_on_both_workers, recv_json, worker_of
+from tests.support.metrics import per_worker, scrape, total
+from tests.support.publishers import publish_numbered
+from tests.support.servers import Service
+from tests.support.stalled import abandon, stalled_on_both_workers
+from tests.support.waits import wait_until
 
 
 def _heartbeat_sum(service: Service, counter: str) -> int:
@@ -52,65 +31,6 @@ def _heartbeat_sum(service: Service, counter: str) -> int:
 
 def _sums_match(service: Service, metric: str, labels: dict[str, str], counter: str) -> bool:
     return total(scrape(service), metric, **labels) == _heartbeat_sum(service, counter)
-
-
-class StalledClient:
-    """A WebSocket client that completes the handshake and then never reads.
-
-    A raw socket with a small receive buffer, so the kernel absorbs little and the server's
-    queue for it fills after a few frames.
-    """
-
-    def __init__(self, service: Service, channel: str) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.settimeout(10)
-        self.sock.connect(("127.0.0.1", service.port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            f"GET /ws?channels={channel} HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = self.sock.recv(4096)
-            assert chunk, "connection closed during the handshake"
-            data += chunk
-        head, rest = data.split(b"\r\n\r\n", 1)
-        assert head.startswith(b"HTTP/1.1 101"), head
-        match = re.search(rb"(?im)^x-wsbroadcast-worker: *(\S+)", head)
-        assert match is not None, head
-        self.worker = match.group(1).decode()
-        # The subscribed ack (a short unmasked text frame) says the subscription is in place.
-        while len(rest) < 2 or len(rest) < 2 + rest[1]:
-            rest += self.sock.recv(4096)
-        check_ack(orjson.loads(rest[2 : 2 + rest[1]]), channel)
-
-    @property
-    def pid(self) -> str:
-        return self.worker.rsplit(":", 1)[1]
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _stalled_on_both_workers(service: Service, channel: str) -> list[StalledClient]:
-    stalled: list[StalledClient] = []
-    for _ in range(50):
-        stalled.append(StalledClient(service, channel))
-        if len({s.worker for s in stalled}) == 2:
-            return stalled
-    raise AssertionError("50 clients all landed on one worker")
-
-
-def _flood(redis_url: str, prefix: str, channel: str, frames: int, size: int = 4096) -> None:
-    frame = orjson.dumps({"channel": channel, "data": "x" * size})
-    client = redis.Redis.from_url(redis_url)
-    try:
-        for _ in range(frames):
-            client.publish(f"{prefix}{channel}", frame)
-    finally:
-        client.close()
 
 
 async def test_counters_move_with_clients_summed_over_two_workers(redis_server: PrivateRedis) -> None:
@@ -171,9 +91,9 @@ async def test_counters_move_with_clients_summed_over_two_workers(redis_server: 
         assert limits == {pid: float(beats[pid]["connections"]["effective_limit"]) for pid in pids}
 
         # Overflow: clients that never read, on both workers. Their queues grow first ...
-        stalled = _stalled_on_both_workers(svc, "flood")
+        stalled = await stalled_on_both_workers(svc, "flood")
         wait_until(lambda: total(scrape(svc), "wsbroadcast_connections") == n + len(stalled), 15, 0.2)
-        _flood(redis_server.url, svc.prefix, "flood", 24)  # 96 KiB: past the kernel, under QUEUE_BYTES
+        await publish_numbered(svc, "flood", 24, 4096)  # 96 KiB: past the kernel, under QUEUE_BYTES
         wait_until(
             lambda: (m := scrape(svc))
             and total(m, "wsbroadcast_queued_bytes") > 0
@@ -181,7 +101,7 @@ async def test_counters_move_with_clients_summed_over_two_workers(redis_server: 
             15, 0.2, "queued bytes for the stalled clients",
         )
         # ... then past QUEUE_BYTES the slow-consumer policy closes them, on both workers.
-        _flood(redis_server.url, svc.prefix, "flood", 96)
+        await publish_numbered(svc, "flood", 96, 4096)
         m = wait_until(
             lambda: (m := scrape(svc))
             and total(m, "wsbroadcast_connections_closed_total", reason="slow_consumer") == len(stalled)
@@ -190,8 +110,8 @@ async def test_counters_move_with_clients_summed_over_two_workers(redis_server: 
             15, 0.2, f"{len(stalled)} slow consumers closed",
         )
         assert total(m, "wsbroadcast_queued_bytes") == 0
-        for client in stalled:
-            client.close()
+        for ws in stalled:
+            abandon(ws)
 
         # Disconnect: the gauges fall back to zero; the counters keep what happened.
         for ws in clients:
@@ -212,26 +132,6 @@ async def test_counters_move_with_clients_summed_over_two_workers(redis_server: 
             ("wsbroadcast_connections_closed_total", {"reason": "slow_consumer"}, "slow_closed"),
         ]:
             wait_until(functools.partial(_sums_match, svc, metric, labels, counter), 15, 0.2, metric)
-
-
-async def test_drop_oldest_counts_dropped_frames_on_each_worker(redis_server: PrivateRedis) -> None:
-    with Service(
-        redis_server.url, workers=2, slow_consumer_policy="drop-oldest", queue_size=5, send_buffer_bytes=4096
-    ) as svc:
-        stalled = _stalled_on_both_workers(svc, "flood")
-        _flood(redis_server.url, svc.prefix, "flood", 80)  # 320 KiB to clients that read nothing
-        wait_until(
-            lambda: all(b["counters"]["dropped"] > 0 for b in svc.heartbeats()), 15, 0.2, "drops on both workers"
-        )
-        wait_until(
-            lambda: total(scrape(svc), "wsbroadcast_frames_dropped_total") == _heartbeat_sum(svc, "dropped"),
-            15, 0.2, "dropped frames summed over both workers",
-        )
-        m = scrape(svc)
-        assert total(m, "wsbroadcast_connections_closed_total", reason="slow_consumer") == 0
-        assert total(m, "wsbroadcast_connections") == len(stalled)  # dropping frames, not clients
-        for client in stalled:
-            client.close()
 
 
 def _metrics_dir(service: Service) -> Path:

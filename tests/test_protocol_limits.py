@@ -24,7 +24,10 @@ from scripts.attack import (
     client_frame,
 )
 from scripts.redis_server import PrivateRedis
-from tests.support import Service, async_wait_until, recv_publication, subscribe_client, wait_until, worker_of
+from tests.support.clients import recv_publication, subscribe_client, worker_of
+from tests.support.metrics import scrape, total
+from tests.support.servers import Service
+from tests.support.waits import async_wait_until, wait_until
 from workers.limits import DEFAULT_LIMITS, FrameBudget
 
 HOST = "127.0.0.1"
@@ -38,13 +41,6 @@ async def _still_receives(service: Service, ws: ClientConnection, channel: str, 
     for i in range(n):
         assert (await asyncio.to_thread(service.publish, channel, {"i": i})).status_code == 202
         assert await recv_publication(ws, 10) == {"channel": channel, "data": {"i": i}}
-
-
-def _metric(service: Service, line_start: str) -> float:
-    for line in service.get("/metrics").text.splitlines():
-        if line.startswith(line_start):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 @pytest.mark.parametrize("kind", ["pong", "ping", "cont"])
@@ -136,7 +132,7 @@ async def test_a_huge_header_gets_431_and_the_worker_survives(redis_server: Priv
         assert ok.status_code == 200
         assert _health(service)["worker"]["pid"] == pid
         await _still_receives(service, other, "news")
-        wait_until(lambda: _metric(service, 'wsbroadcast_http_rejected_total{reason="headers_too_big"}') == 1,
+        wait_until(lambda: total(scrape(service), "wsbroadcast_http_rejected_total", reason="headers_too_big") == 1,
                    what="the rejection in /metrics")
         await other.close()
 
@@ -146,7 +142,7 @@ async def test_a_slow_handshake_is_cut_after_the_handshake_timeout(redis_server:
         outcome = await asyncio.to_thread(attack_slow_head, HOST, service.port, 20.0)
         assert outcome.answer.startswith("HTTP/1.1 408"), outcome
         assert 1.2 < outcome.seconds < 6.0, outcome
-        wait_until(lambda: _metric(service, 'wsbroadcast_http_rejected_total{reason="head_timeout"}') == 1,
+        wait_until(lambda: total(scrape(service), "wsbroadcast_http_rejected_total", reason="head_timeout") == 1,
                    what="the rejection in /metrics")
         # A connection that never sends a byte is freed too.
         idle = socket.create_connection((HOST, service.port), timeout=10)

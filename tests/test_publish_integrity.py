@@ -10,8 +10,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +22,10 @@ from websockets.asyncio.client import ClientConnection
 from scripts.redis_server import PrivateRedis
 from service.publication import MAX_DEPTH, InvalidPublication, split_body
 from service.publisher import IdempotencyConflict, Refused, Unknown, publish, publish_sync
-from tests.support import ROOT, Service, recv_publication, subscribe_client, wait_until
+from tests.support.clients import recv_publication, subscribe_client
+from tests.support.commands import command
+from tests.support.servers import Service
+from tests.support.waits import wait_until
 
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer test-token"}
 
@@ -145,44 +146,6 @@ def test_a_publisher_leaving_mid_body_is_no_error(service: Service) -> None:
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
 
 
-# --- frames arriving through Redis ---------------------------------------------------------------------
-
-
-async def test_frames_not_naming_their_channel_are_dropped_and_counted(
-    service: Service, redis_server: PrivateRedis
-) -> None:
-    ws = await subscribe_client(service, "x")
-    before = service.get("/health").json()["counters"]["invalid_payloads"]
-    raw = redis.Redis.from_url(redis_server.url)
-    try:
-        spoofed = [
-            b'{"channel":"admin","data":"obey"}',
-            b"hello not json",
-            b"[1,2,3]",
-            b'{"channel":"x","data":1,"channel":"admin"}',  # the last duplicate wins in every parser
-            b'{"data":1}',
-            b'{"channel":"x","data":1} trailing',
-        ]
-        for payload in spoofed:
-            assert raw.publish(f"{service.prefix}x", payload) == 1
-        good = b'{"channel":"x","data":"genuine"}'
-        assert raw.publish(f"{service.prefix}x", good) == 1
-    finally:
-        raw.close()
-    assert await _next_raw(ws) == good  # nothing spoofed before it
-    counters = wait_until(
-        lambda: (c := service.get("/health").json()["counters"])["invalid_payloads"] >= before + len(spoofed) and c,
-        10,
-        what="the drops counted",
-    )
-    assert counters["invalid_payloads"] == before + len(spoofed)
-    line = f"wsbroadcast_invalid_publications_total {float(before + len(spoofed))}"
-    wait_until(lambda: line in service.get("/metrics").text, 10, what="the drops in /metrics")
-    # One warning per interval, however many were dropped.
-    assert service.log().count("dropped a publication from Redis") == 1, service.log()[-3000:]
-    await ws.close()
-
-
 # --- idempotent publishing -------------------------------------------------------------------------------
 
 
@@ -257,21 +220,15 @@ async def test_python_publisher_and_cli_forward_bytes_and_honour_idempotency_key
     env = {**os.environ, "REDIS_URL": redis_server.url, "REDIS_PREFIX": service.prefix, "PUBLISH_TOKEN": "test-token"}
     for via in ([], ["--http", service.base]):
         args = ["api", ' {"n": 1.10} ', "--idempotency-key", f"cli-{len(via)}", *via]
-        runs = [await asyncio.to_thread(_cli, *args, env=env) for _ in range(2)]
+        runs = [await asyncio.to_thread(command, "publish", *args, env=env) for _ in range(2)]
         assert [r.returncode for r in runs] == [0, 0], [r.stdout + r.stderr for r in runs]
         assert "replay" in runs[1].stdout and "replay" not in runs[0].stdout
         assert _data(await _next_raw(ws), "api") == b'{"n": 1.10}'
-    bad = await asyncio.to_thread(_cli, "api", "[" * 300 + "]" * 300, env=env)
+    bad = await asyncio.to_thread(command, "publish", "api", "[" * 300 + "]" * 300, env=env)
     assert bad.returncode == 2 and "nests too deep" in bad.stderr
     assert service.publish("api", "end").status_code == 202
     assert await recv_publication(ws) == {"channel": "api", "data": "end"}  # no second copy before it
     await ws.close()
-
-
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.publish", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
 
 
 # --- refused or unknown ---------------------------------------------------------------------------------
@@ -304,9 +261,10 @@ async def test_a_stalled_redis_answers_unknown_and_a_stopped_one_refused(own_red
         doc = stalled.json()
         assert doc["published"] == "unknown", doc
         assert "same Idempotency-Key is safe" in doc["error"]
-        # It was in fact published once Redis ran again: "unknown" was the truth.
-        assert _data(await _next_raw(ws), "stall") == b'"during the stall"'
-        assert _data(await _next_raw(ws), "stall") == b'"api stalled"'
+        # Both were in fact published once Redis ran again: "unknown" was the truth. They came on
+        # two connections, which a resumed Redis serves in either order.
+        after = {_data(await _next_raw(ws), "stall"), _data(await _next_raw(ws), "stall")}
+        assert after == {b'"during the stall"', b'"api stalled"'}, after
         replayed = publish_sync(api, "stall", b'"api stalled"', prefix=service.prefix, idempotency_key="a1")
         assert (replayed.workers, replayed.replay) == (1, True)
         retry = await asyncio.to_thread(_post, service, body, **key)

@@ -15,7 +15,7 @@ from service.hub import Hub
 from service.keys import Keys
 from service.publisher import publish
 from service.recovery import Recovery
-from tests.support import Recorder
+from tests.support.recorder import Recorder
 
 
 class _Worker:

@@ -11,7 +11,9 @@ import signal
 from websockets.exceptions import ConnectionClosed
 
 from scripts.redis_server import PrivateRedis
-from tests.support import Service, async_wait_until, clients_on_both_workers, recv_json
+from tests.support.clients import clients_on_both_workers, recv_json
+from tests.support.servers import Service
+from tests.support.waits import async_wait_until
 
 
 async def test_sighup_replaces_the_workers_and_clients_recover_by_offset(redis_server: PrivateRedis) -> None:

@@ -19,7 +19,8 @@ import psutil
 
 from scripts.redis_server import PrivateRedis, free_port
 from scripts.service_process import ServiceProcess, web_env
-from tests.support import ROOT, wait_until
+from tests.support.servers import ROOT
+from tests.support.waits import process_gone, wait_until
 
 
 def _run_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
@@ -35,13 +36,6 @@ def _run_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
     env.pop("REDIS_URL", None)  # its own private Redis
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return env
-
-
-def _gone(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_a_port_in_use_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
@@ -95,7 +89,7 @@ def test_banner_once_serving_and_a_hung_master_still_stops_redis(tmp_path: Path)
         run.wait(40)
         print(f"scripts/run exited {time.monotonic() - started:.1f} s after SIGTERM with a hung master")
         for proc in (redis_server, master, *workers):
-            wait_until(functools.partial(_gone, proc), 10, what=f"{proc.pid} to be gone")
+            wait_until(functools.partial(process_gone, proc), 10, what=f"{proc.pid} to be gone")
         assert list(tmp_path.iterdir()) == []  # the Redis directory and the metrics directory went too
     finally:
         for pgid in (run.pid, *hung):  # what the code under test failed to stop

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hmac
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +19,10 @@ from scripts.redis_server import PrivateRedis
 from service.app import create_app
 from service.config import Settings
 from service.gate import TokenError, mint_token, verify_token
-from tests.support import ROOT, Service, recv_ack, recv_json, recv_publication, wait_until
+from tests.support.clients import recv_ack, recv_json, recv_publication
+from tests.support.commands import command
+from tests.support.servers import Service
+from tests.support.waits import wait_until
 
 SECRET = "connect-secret-5f1c9a"
 ORIGIN = "https://app.example"
@@ -29,9 +31,7 @@ ORIGIN = "https://app.example"
 def token_cli(*args: str, secret: str = SECRET) -> subprocess.CompletedProcess[str]:
     """The token command as users run it (scripts/token is a shim for this)."""
     env = {**os.environ, "CONNECT_SECRET": secret}
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.token", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
-    )
+    return command("token", *args, env=env, timeout=30)
 
 
 def minted(channels: str, ttl: str = "3600") -> str:

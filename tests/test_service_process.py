@@ -14,7 +14,7 @@ import redis
 
 from scripts.redis_server import PrivateRedis, free_port
 from scripts.service_process import ServiceProcess, web_env
-from tests.support import wait_until
+from tests.support.waits import process_gone, wait_until
 
 
 def _service(tmp_path: Path, redis_url: str, prefix: str) -> ServiceProcess:
@@ -49,12 +49,5 @@ def test_a_hung_master_is_killed_with_its_workers_within_the_bound(tmp_path: Pat
     assert service.stop(2) == -signal.SIGKILL
     assert time.monotonic() - started < 15
     for proc in processes:
-        wait_until(functools.partial(_gone, proc), 10, what=f"{proc.pid} to be gone")
+        wait_until(functools.partial(process_gone, proc), 10, what=f"{proc.pid} to be gone")
     assert not metrics_dir.exists()
-
-
-def _gone(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from scripts.redis_server import PrivateRedis
-from tests.support import Service
+from tests.support.servers import Service
 
 
 def test_a_graceful_stop_logs_no_socket_error(redis_server: PrivateRedis) -> None:

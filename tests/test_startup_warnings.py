@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from scripts.redis_server import PrivateRedis
 from service.config import Settings
-from tests.support import Service
+from tests.support.servers import Service
 from workers.startup import warnings
 
 ORIGIN_WARNING = "neither ALLOWED_ORIGINS nor CONNECT_SECRET is set"

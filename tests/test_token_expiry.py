@@ -13,7 +13,9 @@ from websockets.exceptions import ConnectionClosed
 from scripts.redis_server import PrivateRedis
 from service import wire
 from service.gate import mint_token, verify_claims
-from tests.support import Service, recv_ack, recv_acks, recv_json, recv_publication, wait_until
+from tests.support.clients import recv_ack, recv_acks, recv_json, recv_publication
+from tests.support.servers import Service
+from tests.support.waits import wait_until
 
 SECRET = "connect-secret-expiry-41c2"
 

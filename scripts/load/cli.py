@@ -5,7 +5,9 @@ Scenarios: ``idle`` (RSS per idle connection, memory given back after close), ``
 the clients stop reading while 2 KB frames flow), ``redis-restart`` (Redis down for 1 s mid-stream),
 ``publish-rate`` (publications per second through the publish function and through plain PUBLISH),
 ``recover`` (every worker restarted under a steady publisher: the clients reconnect with ``since``
-their last offset; frames lost, time to recover, history reads).
+their last offset; frames lost, time to recover, history reads). ``channels``, run alone: many
+channels with a few subscribers each, on one Redis and on a Redis Cluster (``REDIS_CLUSTER=1``)
+started side by side: deliveries/s and each redis-server's CPU (``scripts/load/channels.py``).
 
 ``scripts/loadtest breakdown [--connections N]`` is a tool of its own (``scripts/load/breakdown.py``):
 where each byte of an idle connection goes, by allocation site and object type, on one traced worker.
@@ -41,7 +43,7 @@ from typing import Any
 
 import orjson
 
-from scripts.load import report
+from scripts.load import channels, report
 from scripts.load.publisher import VIA
 from scripts.load.rawclient import Clients, raise_fd_limit
 from scripts.load.results import TargetResult, to_json
@@ -52,6 +54,8 @@ from scripts.service_process import ROOT, ServiceError, procfile_web
 from service.config import Settings, SettingsError
 
 SCENARIOS = ("idle", "fanout", "slow", "redis-restart", "publish-rate", "recover")
+# Run only when named (it starts its own brokers: one Redis, then a Redis Cluster).
+ALONE = ("channels",)
 INSTALLED = "wsbroadcast-loadtest"
 
 
@@ -120,15 +124,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--recover-timeout", type=float, default=30.0, help="recover: s after the restart to wait for every client")
     add("--profile", metavar="DIR",
         help="py-spy every worker during each step into DIR (inflates server CPU: not for figures)")
+    channels.add_arguments(add)
     add("--json", metavar="PATH", help="write every figure as JSON ('-' for stdout)")
     args = parser.parse_args(argv)
     try:
         args.rates = [float(r) for r in args.rates.split(",") if r]
     except ValueError:
         parser.error(f"--rates {args.rates!r}: expected numbers separated by commas, e.g. 20,50")
-    unknown = set(args.scenarios) - set(SCENARIOS)
+    unknown = set(args.scenarios) - set(SCENARIOS) - set(ALONE)
     if unknown:
-        parser.error(f"unknown scenario {sorted(unknown)[0]!r}; expected any of {', '.join(SCENARIOS)}")
+        parser.error(f"unknown scenario {sorted(unknown)[0]!r}; expected any of {', '.join(SCENARIOS + ALONE)}")
+    if set(args.scenarios) & set(ALONE) and (len(args.scenarios) > 1 or args.url or args.target != "wsbroadcast"):
+        parser.error("channels runs alone, on the brokers it starts (no other scenario, no --url, no --target)")
+    if args.scenarios == ["channels"]:
+        return args
     args.scenarios = [s for s in SCENARIOS if s in args.scenarios] if args.scenarios else list(SCENARIOS)
     if args.url and args.target != "wsbroadcast":
         parser.error("--url drives one running service; --target applies only to services this tool starts")
@@ -246,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.time()
     load = os.getloadavg()
+    if args.scenarios == ["channels"]:
+        return _channels(args, argv, started, load)
     try:
         results = asyncio.run(_measure(args))
     except KeyboardInterrupt:
@@ -253,20 +264,41 @@ def main(argv: list[str] | None = None) -> int:
     except (ServiceError, RuntimeError) as exc:
         print(f"{_prog()}: {exc}", file=sys.stderr)
         return 1
+    print(report.summary(results))
+    print("\n" + report.table(results))
+    _write_json(args, argv, started, load, to_json(results))
+    return 0
+
+
+def _write_json(
+    args: argparse.Namespace, argv: list[str] | None, started: float, load: tuple[float, ...], results: Any
+) -> None:
+    """With --json: every figure, with the commit, the command and the machine's load at the start."""
+    if not args.json:
+        return
     document = {
         "git": _git_state(),
         "command": " ".join([_prog(), *(argv if argv is not None else sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "load_average_at_start": [round(x, 2) for x in load],
         "cpus": os.cpu_count(),
-        "results": to_json(results),
+        "results": results,
     }
-    print(report.summary(results))
-    print("\n" + report.table(results))
-    if args.json:
-        text = orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+    text = orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
+    if args.json == "-":
+        print(text)
+    else:
+        Path(args.json).write_text(text + "\n")
+
+
+def _channels(args: argparse.Namespace, argv: list[str] | None, started: float, load: tuple[float, ...]) -> int:
+    try:
+        results = asyncio.run(channels.run(args))
+    except KeyboardInterrupt:
+        return 130
+    except (ServiceError, RuntimeError) as exc:
+        print(f"{_prog()}: {exc}", file=sys.stderr)
+        return 1
+    print(channels.table(results))
+    _write_json(args, argv, started, load, [r.__dict__ for r in results])
     return 0

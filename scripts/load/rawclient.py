@@ -48,6 +48,14 @@ class ConnectReply:
     ok: int
     failed: dict[str, int]
 
+    @staticmethod
+    def combined(replies: list[ConnectReply]) -> ConnectReply:
+        """The client processes' replies added up: connections made, failures by reason."""
+        failed: Counter[str] = Counter()
+        for reply in replies:
+            failed.update(reply.failed)
+        return ConnectReply(sum(reply.ok for reply in replies), dict(failed))
+
 
 @dataclass
 class Progress:

@@ -33,7 +33,7 @@ import psutil
 from redis.exceptions import RedisError
 
 from scripts.load.publisher import VIA, Publisher
-from scripts.load.rawclient import BUCKET, Clients, Progress, RecoverState, split
+from scripts.load.rawclient import BUCKET, Clients, ConnectReply, Progress, RecoverState, split
 from scripts.load.report import idle_table, number, percent
 from scripts.load.results import (
     Connected,
@@ -145,14 +145,10 @@ class Run:
             if not task.done():
                 opened = sum(p.open for p in await self.clients.progress())
                 log(f"{self.tag} connecting: {opened}/{n} open after {time.monotonic() - started:.0f} s")
-        results = task.result()
-        failed: Counter[str] = Counter()
-        for r in results:
-            failed.update(r.failed)
-        ok = sum(r.ok for r in results)
-        log(f"{self.tag} connected {ok}/{n} in {time.monotonic() - started:.1f} s"
-             + (f"; failed: {dict(failed)}" if failed else ""))
-        return Connected(ok, dict(failed), round(time.monotonic() - started, 2))
+        reply = ConnectReply.combined(task.result())
+        log(f"{self.tag} connected {reply.ok}/{n} in {time.monotonic() - started:.1f} s"
+             + (f"; failed: {reply.failed}" if reply.failed else ""))
+        return Connected(reply.ok, reply.failed, round(time.monotonic() - started, 2))
 
     async def warm(self) -> None:
         """Publish unnumbered frames until every open connection got one: subscriptions are live."""
@@ -613,12 +609,10 @@ class Run:
              "rate": args.connect_rate / len(parts), "jitter": jitter, "timeout": 15.0}
             for k in parts
         ])
-        failed: Counter[str] = Counter()
-        for r in replies:
-            failed.update(r.failed)
-        ok = sum(r.ok for r in replies)
+        subscribed = ConnectReply.combined(replies)
+        ok, failed = subscribed.ok, subscribed.failed
         log(f"{self.tag} recover: {ok}/{n} clients subscribed in {time.monotonic() - started:.1f} s"
-            + (f"; failed: {dict(failed)}" if failed else ""))
+            + (f"; failed: {failed}" if failed else ""))
         before = await self.clients.recover_state()
         workers_before = sorted(p.pid for p in t.workers())
         await self.clients.session_mark()

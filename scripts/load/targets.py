@@ -43,6 +43,26 @@ BASELINE_PINS = (
 )
 
 
+# The kernel's TCP states as /proc/net/tcp writes them.
+_ESTABLISHED, _LISTEN = "01", "0A"
+
+
+def _tcp_sockets(port: int) -> list[tuple[str, tuple[int, int]]]:
+    """The TCP sockets bound locally to ``port`` (IPv4 and IPv6): (state, (send queue, receive queue))."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if int(parts[1].rsplit(":", 1)[1], 16) == port:
+                tx, rx = parts[4].split(":")
+                found.append((parts[3], (int(tx, 16), int(rx, 16))))
+    return found
+
+
 @dataclass
 class Target:
     name: str
@@ -119,33 +139,13 @@ class Target:
 
     def sockets(self) -> tuple[int, int]:
         """(established connections on the server port, bytes in their kernel send queues)."""
-        established = queued = 0
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            try:
-                lines = Path(table).read_text().splitlines()[1:]
-            except OSError:
-                continue
-            for line in lines:
-                parts = line.split()
-                if parts[3] != "01" or int(parts[1].rsplit(":", 1)[1], 16) != self.port:
-                    continue
-                established += 1
-                queued += int(parts[4].split(":")[0], 16)
-        return established, queued
+        established = [queues for state, queues in _tcp_sockets(self.port) if state == _ESTABLISHED]
+        return len(established), sum(tx for tx, _ in established)
 
     def accept_queue(self) -> int:
         """Connections waiting in the server port's listen queue, not accepted by a worker yet."""
-        waiting = 0
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            try:
-                lines = Path(table).read_text().splitlines()[1:]
-            except OSError:
-                continue
-            for line in lines:
-                parts = line.split()
-                if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == self.port:
-                    waiting += int(parts[4].split(":")[1], 16)
-        return waiting
+        # A listening socket's receive queue is its backlog of connections not accepted yet.
+        return sum(rx for state, (_, rx) in _tcp_sockets(self.port) if state == _LISTEN)
 
     def fanout_metric(self) -> tuple[float, float] | None:
         """(sum, count) of the server's fan-out histogram: arrival in a worker to the last socket."""

@@ -1,4 +1,5 @@
-"""Pure units: settings parsing, WebSocket framing, the bounded queue, the idle rule."""
+"""A connection's bounded outbound paths: the frame built once, the queue (ASGI) path and the direct path,
+each bounded in frames and bytes, with the slow-consumer policy acting at the bound."""
 
 from __future__ import annotations
 
@@ -8,49 +9,8 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from service.config import Settings, SettingsError
 from service.counters import Counters
-from service.outbound import Bounds, Message, QueueOutbound, ws_text_frame
-from service.tracker import Tracker
-from tests.support import Recorder
-
-
-def test_defaults_match_the_design() -> None:
-    s = Settings.from_env({})
-    assert (s.port, s.web_concurrency, s.redis_pool_size, s.max_connections) == (8000, 2, 10, 5000)
-    assert (s.queue_size, s.queue_bytes, s.send_buffer_bytes) == (1000, 1048576, 262144)
-    assert (s.slow_consumer_policy, s.idle_timeout, s.cleanup_interval) == ("disconnect", 900, 300)
-    assert (s.heartbeat_interval, s.max_message_bytes, s.ws_compression) == (5, 65536, False)
-    assert s.default_channel == "broadcast" and s.redis_prefix == "broadcast:"
-    assert (s.history_size, s.history_ttl, s.history_meta_ttl) == (100, 300, 30 * 86400)
-
-
-@pytest.mark.parametrize(
-    ("env", "fragment"),
-    [
-        ({"QUEUE_SIZE": "0"}, "QUEUE_SIZE='0' is invalid: expected an integer >= 1"),
-        ({"WS_COMPRESSION": "maybe"}, "WS_COMPRESSION='maybe' is invalid: expected one of 1, 0"),
-        ({"REDIS_URL": "http://x"}, "REDIS_URL='http://x' is invalid"),
-        ({"REDIS_URL": "tcp://user:pw@x"}, "REDIS_URL='tcp://***@x' is invalid"),
-        ({"DEFAULT_CHANNEL": "a b"}, "DEFAULT_CHANNEL='a b' is invalid"),
-        ({"IDLE_TIMEOUT": "10", "CLEANUP_INTERVAL": "20"}, "CLEANUP_INTERVAL=20 is invalid"),
-        ({"ALLOWED_ORIGINS": "example.com"}, "ALLOWED_ORIGINS='example.com' is invalid"),
-        ({"HISTORY_SIZE": "-1"}, "HISTORY_SIZE='-1' is invalid: expected an integer >= 0 and <= 100000"),
-        ({"HISTORY_TTL": "0"}, "HISTORY_TTL='0' is invalid"),
-        ({"HISTORY_TTL": "7200", "HISTORY_META_TTL": "3600"}, "HISTORY_TTL=7200 is invalid: expected a number <= "),
-    ],
-)
-def test_invalid_settings_name_variable_value_and_what_is_allowed(env: dict[str, str], fragment: str) -> None:
-    with pytest.raises(SettingsError) as err:
-        Settings.from_env(env)
-    assert fragment in str(err.value)
-    assert "\n" not in str(err.value)
-
-
-def test_public_settings_hide_secrets() -> None:
-    s = Settings.from_env({"PUBLISH_TOKEN": "s3cret", "REDIS_URL": "redis://:pw@h:1/0", "CONNECT_SECRET": "k"})
-    text = repr(s.public()) + repr(s)
-    assert "s3cret" not in text and "pw@" not in text and "'k'" not in text
+from service.outbound import Bounds, DirectOutbound, Message, QueueOutbound, ws_text_frame
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
@@ -145,42 +105,6 @@ async def test_queue_writer_sends_in_order() -> None:
     assert sent == ["0", "1", "2", "3", "4"]
 
 
-def test_idle_rule_counts_publications_on_the_clients_channels() -> None:
-    last = {"busy": 100.0}
-    tracker = Tracker(10, idle_timeout=10, last_publish=lambda c: last.get(c, 0.0))
-    quiet = tracker.admit(lambda why: True)
-    listener = tracker.admit(lambda why: True)
-    quiet.last_received = listener.last_received = 50.0
-    listener.channels.add("busy")
-    assert tracker.idle_connections(now=105.0) == [quiet]
-    assert tracker.idle_connections(now=115.0) == [quiet, listener]
-
-
-async def test_hub_batches_what_arrives_together_and_flushes_on_the_next_iteration() -> None:
-    from service.hub import Hub
-
-    firsts: list[str] = []
-    hub = Hub(firsts.append, lambda c: None, queue_frames=8, queue_bytes=1 << 20)  # batches of at most 2
-    out = Recorder()
-    hub.add("c", out)
-    hub.activate("c", out)
-    assert firsts == ["c"]
-    assert hub.publish("c", b'"a"') == 1
-    assert out.messages == []  # waits only for the loop to turn
-    await asyncio.sleep(0)
-    assert [m.texts for m in out.messages] == [['"a"']]
-    for text in (b'"b"', b'"c"', b'"d"'):
-        hub.publish("c", text)
-    assert [m.texts for m in out.messages[1:]] == [['"b"', '"c"']]  # flushed early at the batch bound
-    await asyncio.sleep(0)
-    assert [m.texts for m in out.messages[1:]] == [['"b"', '"c"'], ['"d"']]
-    assert out.messages[1].frame == ws_text_frame(b'"b"') + ws_text_frame(b'"c"')
-    assert out.messages[1].count == 2
-    assert hub.publish("nobody", b"1") == 0
-    with pytest.raises(UnicodeDecodeError):
-        hub.publish("c", b"\xff")
-
-
 class _Link:
     """A connection stand-in whose kernel accepts ``room`` bytes, then buffers the rest in user space."""
 
@@ -210,8 +134,6 @@ class _Link:
 
 
 def test_direct_path_counts_frames_still_buffered_not_frames_ever_written() -> None:
-    from service.outbound import DirectOutbound
-
     slow: list[int] = []
     link = _Link(room=0)
     out = DirectOutbound(link, Bounds(frames=4, bytes=1 << 20, drop_oldest=False), Counters(), lambda: slow.append(1))
@@ -231,8 +153,6 @@ def test_direct_path_counts_frames_still_buffered_not_frames_ever_written() -> N
 
 
 def test_direct_path_bounds_bytes_and_skips_kernel_accepted_writes() -> None:
-    from service.outbound import DirectOutbound
-
     slow: list[int] = []
     counters = Counters()
     link = _Link(room=10_000)
@@ -249,8 +169,6 @@ def test_direct_path_bounds_bytes_and_skips_kernel_accepted_writes() -> None:
 
 
 def test_direct_path_writes_nothing_once_a_close_frame_is_sent() -> None:
-    from service.outbound import DirectOutbound
-
     counters = Counters()
     link = _Link(room=10_000)
     out = DirectOutbound(link, Bounds(frames=10, bytes=1 << 20, drop_oldest=False), counters, lambda: None)
