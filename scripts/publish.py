@@ -18,42 +18,33 @@ import argparse
 import asyncio
 import os
 import sys
+from typing import Any
 
 import httpx
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from service import publisher
 from service.config import Settings, SettingsError
-from service.keys import Keys
 from service.publication import InvalidPublication, check_data
-from service.topology import Topology
 from service.wire import CHANNEL_RULE, is_channel
 
 
 async def _via_redis(settings: Settings, channel: str, data: bytes, key: str | None) -> publisher.Published:
+    # On a Redis Cluster, the cluster client finds the master serving the channel.
+    options: dict[str, Any] = {"socket_connect_timeout": 3, "socket_timeout": settings.redis_command_timeout}
+    redis: Redis | RedisCluster
     if settings.redis_cluster:
-        return await _via_cluster(settings, channel, data, key)
-    redis = Redis.from_url(
-        settings.redis_url, socket_connect_timeout=3, socket_timeout=settings.redis_command_timeout
-    )
+        try:
+            redis = RedisCluster.from_url(settings.redis_url, **options)
+        except (RedisError, RedisClusterException) as exc:
+            raise publisher.Refused(str(exc) or type(exc).__name__) from exc
+    else:
+        redis = Redis.from_url(settings.redis_url, **options)
     try:
         return await publisher.publish(redis, channel, data, idempotency_key=key, settings=settings)
     finally:
         await redis.aclose()
-
-
-async def _via_cluster(settings: Settings, channel: str, data: bytes, key: str | None) -> publisher.Published:
-    """On a Redis Cluster: read the slot map, call the function on the master serving the channel."""
-    publisher.check_key(key)
-    topology = Topology(settings, "wsbroadcast-publish")
-    try:
-        await topology.refresh()
-        address = topology.address_of(Keys(settings.redis_prefix).meta(channel))
-        if not address:
-            raise publisher.Refused("no Redis Cluster master serves the channel's slot")
-        return await publisher.execute(topology.pool(address), publisher.command(settings, channel, data, key))
-    finally:
-        await topology.close()
 
 
 def _via_http(base: str, token: str, channel: str, data: bytes, key: str | None) -> int:

@@ -34,7 +34,6 @@ log = logging.getLogger("wsbroadcast.broker")
 # How often a cluster's slot map is read even when nothing suggested a change: it bounds how late
 # a failover is noticed by a worker whose commands all went to healthy nodes.
 REFRESH_INTERVAL = 1.0
-TRY_AGAIN_DELAY = 0.05
 # Canary channel names tried per master to find one in a slot that master serves.
 CANARY_TRIES = 100_000
 
@@ -174,9 +173,9 @@ class Broker:
                 raise
             if isinstance(cause, TryAgainError):
                 # Mid-migration, the channel's keys are split between the two nodes for a moment.
-                await asyncio.sleep(TRY_AGAIN_DELAY)
+                await asyncio.sleep(publisher.TRY_AGAIN_DELAY)
                 return await publisher.execute(self.topology.pool(self._address(key)), cmd)
-            if isinstance(cause, AskError):
+            if isinstance(cause, AskError) and not isinstance(cause, MovedError):  # MovedError is an AskError
                 # The slot is migrating and its keys already left: the importing node runs it.
                 return await publisher.execute(self.topology.pool(f"{cause.host}:{cause.port}"), cmd, asking=True)
             if not isinstance(cause, MovedError):

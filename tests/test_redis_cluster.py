@@ -11,91 +11,37 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import psutil
-from websockets.asyncio.client import ClientConnection
 
 from scripts.redis_cluster import PrivateCluster
 from scripts.redis_server import free_port
 from tests.cluster import (
+    POOL_SIZE,
     ask,
     classic_channels,
     clients_by_name,
-    node_id,
+    cluster_service,
+    migrate_slot,
     own_cluster,
     owner_port,
+    readers_on_both_workers,
     shard_channels,
     shared_cluster,
     slot_of,
 )
-from tests.support.clients import BackgroundReader, recv_acks, worker_of
+from tests.support.clients import worker_of
 from tests.support.commands import command
-from tests.support.servers import ROOT, Service
-from tests.support.view import View
+from tests.support.servers import ROOT
 from tests.support.waits import async_wait_until, process_gone, wait_until
 
 __all__ = ["own_cluster", "shared_cluster"]  # the fixtures, used by name
 
-POOL_SIZE = 3
 CHANNELS = [f"ch{n}" for n in range(48)]
-
-
-@contextlib.contextmanager
-def cluster_service(cluster: PrivateCluster, **settings: Any) -> Iterator[Service]:
-    """A service of 2 workers on the cluster, stopped by PID even when it never got ready."""
-    service = Service(cluster.url, workers=2, redis_cluster=1, redis_pool_size=POOL_SIZE, **settings)
-    try:
-        yield service.start()
-    finally:
-        service.stop()
-        service.log_path.unlink(missing_ok=True)
-
-
-class Reader:
-    """A client subscribed at connect, read in the background; its frames checked with ``View``."""
-
-    def __init__(self, ws: ClientConnection, acks: dict[str, dict[str, Any]]) -> None:
-        self.ws = ws
-        self.acks = acks
-        self.background = BackgroundReader(ws)
-
-    def frames(self, channel: str) -> list[dict[str, Any]]:
-        return [frame for _, frame in self.background.frames if frame.get("channel") == channel]
-
-    def data(self, channel: str) -> list[Any]:
-        return [f["data"] for f in self.frames(channel) if "op" not in f]
-
-    def gaps(self, channel: str) -> int:
-        """Gap frames of ``channel``, once every frame so far was checked against the contract."""
-        view = View(worker_of(self.ws))
-        for name, ack in self.acks.items():
-            view.subscribing(name, None)
-            view.see(ack)
-        for _, frame in self.background.frames:
-            view.see(frame)
-        assert not view.violations, view.violations
-        return sum(1 for gap in view.gaps if gap["channel"] == channel)
-
-    async def close(self) -> None:
-        await self.background.stop()
-
-
-async def readers_on_both_workers(service: Service, channels: list[str], minimum: int = 2) -> list[Reader]:
-    readers: list[Reader] = []
-    workers: set[str] = set()
-    for _ in range(100):
-        ws = await service.connect(f"?channels={','.join(channels)}")
-        acks = await recv_acks(ws, channels, timeout=15)
-        workers.add(worker_of(ws))
-        readers.append(Reader(ws, acks))
-        if len(readers) >= minimum and len(workers) == 2:
-            return readers
-    raise AssertionError("100 clients all landed on one worker")
 
 
 async def test_delivery_across_workers_on_sharded_pubsub_with_bounded_connections(
@@ -270,20 +216,6 @@ async def test_a_shard_listener_killed_reconnects_alone_and_fills_its_holes(redi
         finally:
             for reader in readers:
                 await reader.close()
-
-
-def migrate_slot(cluster: PrivateCluster, slot: int, source: int, target: int) -> None:
-    """Move one slot with its keys, as ``redis-cli --cluster reshard`` does."""
-    source_id, target_id = node_id(source), node_id(target)
-    ask(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
-    ask(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
-    for _ in range(100):  # bounded: a slot of ours holds a handful of keys
-        keys = ask(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100")
-        if not keys:
-            break
-        ask(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys)
-    for port in (target, source, *(p for p in cluster.master_ports() if p not in (source, target))):
-        ask(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
 
 
 async def test_a_master_killed_under_publishers_fails_over_with_nothing_lost_silently(
