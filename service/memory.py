@@ -9,8 +9,6 @@ connections until it falls back below (with 5% hysteresis, so one crossing logs 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import logging
 import resource
@@ -20,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from service import allocator
 from service.config import Settings
 from service.ratelog import RateLimitedLog
 from service.tracker import Tracker
@@ -27,17 +26,6 @@ from service.tracker import Tracker
 log = logging.getLogger("wsbroadcast.memory")
 _ratelog = RateLimitedLog(log)
 
-
-def _find_malloc_trim() -> Any:
-    """glibc's malloc_trim, or None on a C library without it (musl, macOS)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim = _find_malloc_trim()
 
 # cgroup v1 reports "no limit" as a huge page-aligned number; anything above this is unlimited.
 _UNLIMITED = 1 << 60
@@ -48,7 +36,10 @@ MIN_PER_CONNECTION = 4 * 1024
 # fewer): a collection and a trim cost a few milliseconds, so not after every close, but after any
 # sizeable departure.
 TRIM_AFTER = 100
-TRIM_AGAIN_AFTER = 12.0  # seconds: beyond the WebSocket protocol's close timeout (10 s)
+# Seconds after a departure's trim to trim again: at the next check (a connection leaves the
+# tracker when its close begins, and its transport and buffers are freed when the socket closes,
+# usually after that first trim), and beyond the WebSocket protocol's close timeout (10 s).
+TRIM_AGAIN_AFTER = (0.5, 12.0)
 MEASURE_FROM = 50  # connections needed before the measured per-connection figure is trusted
 
 
@@ -135,7 +126,7 @@ class MemoryMonitor:
         self.pressure = False
         self.trims = 0
         self._high_since_trim = 0
-        self._trim_again_at: float | None = None
+        self._trim_again_at: list[float] = []
 
     def _read_rss(self) -> int:
         return int(self._process.memory_info().rss)
@@ -149,8 +140,8 @@ class MemoryMonitor:
     def _give_back(self) -> None:
         """Return freed heap pages to the system once many connections have gone.
 
-        Python frees a closed connection's objects at once, but glibc keeps the pages for reuse
-        unless asked: without this, RSS stays at its peak after a crowd leaves.
+        Python frees a closed connection's objects at once, but the allocator keeps the pages for
+        reuse unless asked: without this, RSS stays at its peak after a crowd leaves.
         """
         current = self._tracker.current
         now = time.monotonic()
@@ -159,19 +150,17 @@ class MemoryMonitor:
         if gone >= min(TRIM_AFTER, max(10, self._high_since_trim // 20)):
             self._trim()
             self._high_since_trim = current
-            # A client closed while it was not reading keeps its write buffer until its transport
-            # is aborted, up to the protocol's close timeout later: trim once more after that.
-            self._trim_again_at = now + TRIM_AGAIN_AFTER
-        elif self._trim_again_at is not None and now >= self._trim_again_at:
+            self._trim_again_at = [now + after for after in TRIM_AGAIN_AFTER]
+        elif self._trim_again_at and now >= self._trim_again_at[0]:
             self._trim()
-            self._trim_again_at = None
+            # Past several due times at once (a stalled loop): one trim serves them all.
+            self._trim_again_at = [due for due in self._trim_again_at if due > now]
 
     def _trim(self) -> None:
         # A closed connection leaves some reference cycles (tasks, exceptions and their frames)
         # that only the cyclic collector frees; collect them before trimming.
         gc.collect()
-        if _malloc_trim is not None:
-            _malloc_trim(0)
+        allocator.give_back()
         self.trims += 1
 
     def check(self) -> None:
@@ -241,4 +230,5 @@ class MemoryMonitor:
             "per_connection_bytes": self.per_connection(),
             "baseline_rss_bytes": self.baseline,
             "trims": self.trims,
+            "allocator": allocator.NAME,
         }

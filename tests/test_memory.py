@@ -1,5 +1,8 @@
 """Memory awareness: the cgroup reader, the limit's source, pressure alerts and the limit memory allows.
 
+A real worker gives most of a crowd's memory back within 5 s of its close (the allocator and the
+trims after a departure).
+
 The pressure and recovery cycle runs twice: in a real gunicorn worker whose MEMORY_LIMIT is below
 its own RSS (degraded, 503 with the memory reason, one warning, the metrics), and in this process
 on a MemoryMonitor that reads this process's real RSS while the test allocates and frees memory
@@ -8,6 +11,7 @@ on a MemoryMonitor that reads this process's real RSS while the test allocates a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -16,13 +20,22 @@ import psutil
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from scripts.load.rawclient import Clients
 from scripts.redis_server import PrivateRedis
+from service import allocator
 from service.config import Settings
-from service.memory import DEFAULT_PER_CONNECTION, MEASURE_FROM, MemoryMonitor, cgroup_limit, detect_limit
+from service.memory import (
+    DEFAULT_PER_CONNECTION,
+    MEASURE_FROM,
+    TRIM_AGAIN_AFTER,
+    MemoryMonitor,
+    cgroup_limit,
+    detect_limit,
+)
 from service.tracker import Tracker
 from tests.support.metrics import scrape
 from tests.support.servers import Service
-from tests.support.waits import wait_until
+from tests.support.waits import async_wait_until, wait_until
 
 MiB = 1024 * 1024
 V1_UNLIMITED = "9223372036854771712\n"
@@ -187,7 +200,7 @@ def test_effective_limit_follows_the_measured_memory_per_connection() -> None:
     del held
 
 
-def test_heap_is_trimmed_when_connections_leave_and_again_after_the_close_timeout() -> None:
+def test_heap_is_trimmed_when_connections_leave_again_at_the_next_check_and_after_the_close_timeout() -> None:
     tracker = Tracker(1000, 900.0, lambda _channel: 0.0)
     monitor = MemoryMonitor(Settings(), tracker)
     conns = [tracker.admit(lambda _why: True) for _ in range(40)]
@@ -202,13 +215,20 @@ def test_heap_is_trimmed_when_connections_leave_and_again_after_the_close_timeou
     monitor.check()
     assert monitor.trims == 1
     monitor.check()
-    assert monitor.trims == 1  # nothing more has left
-    # Transports of clients closed while stalled are aborted up to the close timeout later; the
-    # second trim is due then.
-    assert monitor._trim_again_at is not None and monitor._trim_again_at > time.monotonic() + 10
-    monitor._trim_again_at = time.monotonic() - 0.001
+    assert monitor.trims == 1  # nothing more has left, and the next trim is not due yet
+    # A connection leaves the tracker when its close begins; its transport is freed when its socket
+    # closes, usually after that trim: the next check trims again.
+    soon, late = monitor._trim_again_at
+    assert soon <= time.monotonic() + TRIM_AGAIN_AFTER[0] < late
+    monitor._trim_again_at[0] = time.monotonic() - 0.001
     monitor.check()
-    assert monitor.trims == 2 and monitor._trim_again_at is None
+    assert monitor.trims == 2 and monitor._trim_again_at == [late]
+    # Transports of clients closed while stalled are aborted up to the close timeout later; the
+    # last trim is due then.
+    assert late > time.monotonic() + 10
+    monitor._trim_again_at[0] = time.monotonic() - 0.001
+    monitor.check()
+    assert monitor.trims == 3 and monitor._trim_again_at == []
 
 
 # --- a real worker over its limit ----------------------------------------------------------------
@@ -256,3 +276,53 @@ async def test_a_worker_over_its_memory_limit_is_degraded_and_refuses(redis_serv
         assert metrics[("wsbroadcast_worker_connections_effective_limit", (("pid", pid),))] == 0
         assert metrics[("wsbroadcast_connections_refused_total", (("reason", "memory"),))] == 1
         assert metrics[("wsbroadcast_memory_pressure_alerts_total", ())] == 1
+
+
+# --- a real worker after a crowd leaves ----------------------------------------------------------
+
+
+async def _connect_idle(clients: Clients, port: int, n: int) -> int:
+    [reply] = await clients.connect([{"host": "127.0.0.1", "port": port, "path": "/ws?channels=news", "n": n,
+                                      "rate": 2000.0, "stall": 0, "ack": True, "timeout": 15.0}])
+    return int(reply.ok)
+
+
+async def test_a_worker_gives_back_most_of_a_crowds_memory_within_5_s_of_its_close(
+    redis_server: PrivateRedis,
+) -> None:
+    with Service(redis_server.url, workers=1) as svc:
+        [pid] = svc.worker_pids()
+        worker = psutil.Process(pid)
+        clients = Clients(1)
+        try:
+            # A first small crowd: what its first use leaves (caches, the channel) is nobody's cost.
+            assert await _connect_idle(clients, svc.port, 50) == 50
+            await clients.close(timeout=10.0)
+            await asyncio.sleep(1.5)
+            before = worker.memory_info().rss
+            assert await _connect_idle(clients, svc.port, 2500) == 2500
+            await asyncio.sleep(1.0)
+            peak = worker.memory_info().rss
+            assert peak - before > 2 * MiB  # idle connections take memory to give back
+            closed = time.monotonic()
+            await clients.close(timeout=10.0)
+            bound = before + 0.15 * (peak - before)  # at least 85% given back
+
+            async def given_back() -> bool:
+                return bool(worker.memory_info().rss <= bound)
+
+            allocator = svc.get("/health").json()["memory"]["allocator"]
+            what = (f"RSS back to {bound / MiB:.1f} MiB from {peak / MiB:.1f} MiB (before: {before / MiB:.1f} MiB; "
+                    f"allocator {allocator})")
+            await async_wait_until(given_back, 5.0 - (time.monotonic() - closed), 0.1, what)
+            # Given back for good, not for a moment.
+            await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - closed)))
+            assert await given_back(), f"5 s after the close: {what}, now {worker.memory_info().rss / MiB:.1f} MiB"
+        finally:
+            clients.stop()
+
+
+def test_the_allocator_is_named_and_asked_to_give_back() -> None:
+    # This test process is not preloaded: glibc's allocator serves it, and trims on request.
+    assert allocator.NAME == "glibc"
+    assert allocator.give_back() is True

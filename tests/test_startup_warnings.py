@@ -1,5 +1,6 @@
 """The master warns once at start-up when /ws is open to any web page (neither ALLOWED_ORIGINS nor
-connect tokens) or when CONNECT_SECRET is too short to resist an offline guess."""
+connect tokens), when CONNECT_SECRET is too short to resist an offline guess, or when the Procfile's
+jemalloc could not be preloaded."""
 
 from __future__ import annotations
 
@@ -27,3 +28,12 @@ def test_an_open_service_logs_one_warning_for_all_its_workers(redis_server: Priv
         assert "set ALLOWED_ORIGINS" in log
     with Service(redis_server.url, workers=1, allowed_origins="https://app.example") as guarded:
         assert ORIGIN_WARNING not in guarded.log()
+
+
+def test_a_jemalloc_preload_that_did_not_load_is_named() -> None:
+    settings = Settings(allowed_origins=("https://app.example",))
+    (missing,) = warnings(settings, preload="libjemalloc.so.2", allocator_name="glibc")
+    assert missing.startswith("LD_PRELOAD names jemalloc (libjemalloc.so.2) but glibc's allocator serves")
+    assert "libjemalloc2" in missing
+    assert warnings(settings, preload="libjemalloc.so.2", allocator_name="jemalloc") == []
+    assert warnings(settings, preload="", allocator_name="glibc") == []

@@ -6,13 +6,25 @@ per worker.
 
 from __future__ import annotations
 
+import os
+
+from service import allocator
 from service.config import Settings
 from service.gate import MIN_SECRET_BYTES
 
 
-def warnings(settings: Settings) -> list[str]:
-    """One line per unsafe setting, naming the fix."""
+def warnings(settings: Settings, preload: str | None = None, allocator_name: str | None = None) -> list[str]:
+    """One line per unsafe setting, naming the fix. ``preload``, ``allocator_name``: this process's
+    LD_PRELOAD and the allocator serving it (by default, as they are)."""
+    preload = os.environ.get("LD_PRELOAD", "") if preload is None else preload
+    allocator_name = allocator.NAME if allocator_name is None else allocator_name
     lines = []
+    if "jemalloc" in preload and allocator_name != "jemalloc":
+        lines.append(
+            f"LD_PRELOAD names jemalloc ({preload}) but {allocator_name}'s allocator serves: workers give back "
+            "less memory after a crowd of clients leaves; install jemalloc (the Debian/Ubuntu package "
+            "libjemalloc2, or the platform's jemalloc buildpack)"
+        )
     if not settings.allowed_origins and not (settings.connect_secret or settings.connect_public_key):
         lines.append(
             "neither ALLOWED_ORIGINS nor CONNECT_SECRET is set: any web page a visitor opens can connect to /ws "

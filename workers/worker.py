@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from gunicorn.arbiter import Arbiter
+from uvicorn.config import Config
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
@@ -22,25 +23,40 @@ from workers.limits import Limits
 from workers.logfilter import ClientLogFilter, RedactingFilter
 
 
+def config_kwargs(settings: Settings) -> dict[str, Any]:
+    """uvicorn's Config arguments for a wsbroadcast worker (the worker class and the breakdown tool)."""
+    return {
+        "loop": "uvloop",
+        "http": "workers.http:BroadcastHttpProtocol",
+        "ws": "workers.protocol:BroadcastWebSocketProtocol",
+        "ws_per_message_deflate": settings.ws_compression,
+        "ws_ping_interval": settings.ws_ping_interval or None,
+        "ws_ping_timeout": settings.ws_ping_timeout or None,
+        "ws_max_size": settings.max_message_bytes,
+        "lifespan": "on",
+        # The service reads no client address (per-connection access lines are filtered out),
+        # and the proxy-headers middleware would keep one more suspended coroutine alive per
+        # idle WebSocket.
+        "proxy_headers": False,
+        # Leave gunicorn's graceful timeout a second to reap us after our own shutdown.
+        "timeout_graceful_shutdown": max(1.0, settings.graceful_timeout - 1.0),
+    }
+
+
+def configure(config: Config, settings: Settings, app: Any) -> None:
+    """What our protocols read from uvicorn's config beyond its own options."""
+    config.wsbroadcast_send_buffer_bytes = settings.send_buffer_bytes  # type: ignore[attr-defined]
+    config.wsbroadcast_limits = Limits.from_settings(settings)  # type: ignore[attr-defined]
+    # The HTTP protocol counts its rejections in the worker's counters (no per-connection state).
+    config.wsbroadcast_counters = getattr(app, "counters", None)  # type: ignore[attr-defined]
+    # The lean path (workers.lean) serves /ws with the app's parts, without the ASGI app.
+    config.wsbroadcast_node = getattr(app, "node", None)  # type: ignore[attr-defined]
+
+
 class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker ships no type information
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        settings = Settings.from_env()
-        self.CONFIG_KWARGS = {
-            "loop": "uvloop",
-            "http": "workers.http:BroadcastHttpProtocol",
-            "ws": "workers.protocol:BroadcastWebSocketProtocol",
-            "ws_per_message_deflate": settings.ws_compression,
-            "ws_ping_interval": settings.ws_ping_interval or None,
-            "ws_ping_timeout": settings.ws_ping_timeout or None,
-            "ws_max_size": settings.max_message_bytes,
-            "lifespan": "on",
-            # The service reads no client address (per-connection access lines are filtered out),
-            # and the proxy-headers middleware would keep one more suspended coroutine alive per
-            # idle WebSocket.
-            "proxy_headers": False,
-            # Leave gunicorn's graceful timeout a second to reap us after our own shutdown.
-            "timeout_graceful_shutdown": max(1.0, settings.graceful_timeout - 1.0),
-        }
+        self._settings = settings = Settings.from_env()
+        self.CONFIG_KWARGS = config_kwargs(settings)
         super().__init__(*args, **kwargs)
         # Anything a client can trigger is logged rate-limited and without its token (workers.logfilter).
         logging.getLogger("uvicorn.error").addFilter(ClientLogFilter())
@@ -49,18 +65,13 @@ class BroadcastWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker sh
         ours.handlers = self.log.error_log.handlers
         ours.setLevel(self.log.error_log.level)
         ours.propagate = False
-        self.config.wsbroadcast_send_buffer_bytes = settings.send_buffer_bytes  # type: ignore[attr-defined]
-        self.config.wsbroadcast_limits = Limits.from_settings(settings)  # type: ignore[attr-defined]
 
     async def _serve(self) -> None:
         # As uvicorn_worker's, but gunicorn's quick shutdown (SIGQUIT, sent on SIGINT to the master)
         # reaches uvicorn's server: the base class's handler only flips a flag nothing reads, so
         # workers sat out the graceful timeout and were SIGKILLed.
         self.config.app = self.wsgi
-        # The HTTP protocol counts its rejections in the worker's counters (no per-connection state).
-        self.config.wsbroadcast_counters = getattr(self.wsgi, "counters", None)
-        # The lean path (workers.lean) serves /ws with the app's parts, without the ASGI app.
-        self.config.wsbroadcast_node = getattr(self.wsgi, "node", None)
+        configure(self.config, self._settings, self.wsgi)
         server = Server(config=self.config)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGQUIT, None)

@@ -9,6 +9,9 @@ their last offset; frames lost, time to recover, history reads). ``channels``, r
 channels with a few subscribers each, on one Redis and on a Redis Cluster (``REDIS_CLUSTER=1``)
 started side by side: deliveries/s and each redis-server's CPU (``scripts/load/channels.py``).
 
+``scripts/loadtest breakdown [--connections N]`` is a tool of its own (``scripts/load/breakdown.py``):
+where each byte of an idle connection goes, by allocation site and object type, on one traced worker.
+
 wsbroadcast is published to through its Redis function ``wsb_publish`` (offsets and history, as
 apps publish), or with ``--publish-via publish`` by plain PUBLISH of ready frames (no offsets);
 the broadcaster baseline always by PUBLISH. ``--compare-env KEY=VALUE`` runs the same scenarios
@@ -92,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--connections", type=int, default=5000, help="idle: connections")
     add("--connect-rate", type=float, default=1000.0, help="connections opened per second")
     add("--settle", type=float, default=3.0, help="idle: seconds before each RSS reading")
+    add("--idle-warmup", type=int, default=50,
+        help="idle: connections opened and closed before the first RSS reading (first-use costs are no "
+             "connection's)")
     add("--subscribers", type=int, default=2000, help="fanout, slow: subscribers")
     add("--rates", default="20,50,100,200", help="fanout: msg/s steps")
     add("--duration", type=float, default=10.0, help="fanout: seconds per step")
@@ -229,6 +235,12 @@ def _git_state() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["breakdown"]:
+        # One worker in-process, traced: its own options (scripts/load/breakdown.py).
+        from scripts.load import breakdown
+
+        return breakdown.main(words[1:])
     args = parse_args(argv)
     if not args.url:
         try:

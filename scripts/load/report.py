@@ -36,7 +36,8 @@ def idle_table(idle: IdleResult) -> str:
         ("connections", f"{idle.connected} of {idle.connections} in {idle.connect_seconds} s"
          + (f", failed {idle.failed}" if idle.failed else "")),
         ("established on the server", str(idle.established_on_server)),
-        ("workers' RSS before", f"{idle.rss_before_mb} MB{measured}"),
+        ("workers' RSS before", f"{idle.rss_before_mb} MB{measured}"
+         + (f" (after {idle.warmup} connections opened and closed)" if idle.warmup else "")),
         ("workers' RSS connected", f"{idle.rss_connected_mb} MB"),
         ("per connection", f"{number(idle.kb_per_connection)} KB"),
         ("closed in", f"{idle.close_seconds} s"),

@@ -102,6 +102,7 @@ class IdleResult:
     given_back_fraction: float | None
     close_seconds: float
     settle_s: float
+    warmup: int = 0  # connections opened and closed before the "before" reading
 
 
 @dataclass

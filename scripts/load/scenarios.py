@@ -347,6 +347,13 @@ class Run:
 
     async def idle(self) -> IdleResult:
         n = self.args.connections
+        warmup = min(self.args.idle_warmup, n)
+        if warmup:
+            # What the first connections leave behind for good (lazy imports, caches, the channel's
+            # structures) is no connection's cost and cannot be given back: opened and closed first.
+            await self.connect(warmup)
+            await self.close_all()
+            await self._sockets_closed()
         await asyncio.sleep(1.0)
         before = self.target.rss()
         conn = await self.connect(n)
@@ -356,9 +363,7 @@ class Run:
         established, _ = self.target.sockets()
         started = time.monotonic()
         await self.close_all()
-        deadline = time.monotonic() + 30
-        while self.target.sockets()[0] and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the kernel
-            await asyncio.sleep(0.2)
+        await self._sockets_closed()
         closed_in = time.monotonic() - started
         await asyncio.sleep(self.args.settle)
         after = self.target.rss()
@@ -377,9 +382,15 @@ class Run:
             given_back_fraction=round((connected - after) / grown, 3) if measured and grown > 0 else None,
             close_seconds=round(closed_in, 2),
             settle_s=self.args.settle,
+            warmup=warmup,
         )
         log(f"{self.tag} idle:\n" + idle_table(result))
         return result
+
+    async def _sockets_closed(self, limit: float = 30.0) -> None:
+        deadline = time.monotonic() + limit
+        while self.target.sockets()[0] and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the kernel
+            await asyncio.sleep(0.2)
 
     async def fanout(self) -> FanoutResult:
         conn = await self.connect(self.args.subscribers)
