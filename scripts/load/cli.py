@@ -14,13 +14,16 @@ where each byte of an idle connection goes, by allocation site and object type, 
 
 wsbroadcast is published to through its Redis function ``wsb_publish`` (offsets and history, as
 apps publish), or with ``--publish-via publish`` by plain PUBLISH of ready frames (no offsets);
-the broadcaster baseline always by PUBLISH. ``--compare-env KEY=VALUE`` runs the same scenarios
-against a second wsbroadcast with that setting too (e.g. HISTORY_SIZE=0), side by side.
+the broadcaster and node baselines always by PUBLISH (they forward the frame as published).
+``--compare-env KEY=VALUE`` runs the same scenarios against a second wsbroadcast with that setting
+too (e.g. HISTORY_SIZE=0), side by side.
 
 By default it starts what it measures, which needs a clone of the repository: a private Redis and
 the service from the Procfile's web line (or, ``--target broadcaster``, the encode/broadcaster
 baseline ``benchmarks/broadcaster_app.py`` from its own environment ``.venv-baseline``, created on
-first use), 2 workers on a free loopback port. ``--url`` drives a running service instead, from
+first use; ``--target node``, a Node ``ws`` cluster, ``benchmarks/node_ws``, its ``node_modules``
+installed by ``npm ci`` on first use), 2 workers on a free loopback port. ``--target
+wsbroadcast,node`` measures each in turn in one run. ``--url`` drives a running service instead, from
 anywhere: it publishes through ``--redis-url`` and finds the workers from their heartbeats there
 (their CPU and memory are measured when they run on this host).
 
@@ -48,7 +51,15 @@ from scripts.load.publisher import VIA
 from scripts.load.rawclient import Clients, raise_fd_limit
 from scripts.load.results import TargetResult, to_json
 from scripts.load.scenarios import Run, log
-from scripts.load.targets import Target, attach, ensure_baseline_venv, start_broadcaster, start_wsbroadcast
+from scripts.load.targets import (
+    Target,
+    attach,
+    ensure_baseline_venv,
+    ensure_node_modules,
+    start_broadcaster,
+    start_node,
+    start_wsbroadcast,
+)
 from scripts.redis_server import PrivateRedis
 from scripts.service_process import ROOT, ServiceError, procfile_web
 from service.config import Settings, SettingsError
@@ -72,12 +83,28 @@ def _prog() -> str:
     return INSTALLED if Path(sys.argv[0]).name == INSTALLED else "scripts/loadtest"
 
 
+TARGETS = ("wsbroadcast", "broadcaster", "node")
+
+
+def _targets(parser: argparse.ArgumentParser, value: str) -> list[str]:
+    named = {"both": ["wsbroadcast", "broadcaster"], "all": list(TARGETS)}.get(value)
+    if named is not None:
+        return named
+    names = [name for name in value.split(",") if name]
+    wrong = [name for name in names if name not in TARGETS]
+    if wrong or not names or len(set(names)) < len(names):
+        parser.error(f"--target {value!r}: expected any of {', '.join(TARGETS)} (comma-separated, each once), "
+                     "both or all")
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=_prog(), description=__doc__, formatter_class=_Help)
     add = parser.add_argument
     add("scenarios", nargs="*", metavar="SCENARIO", help=f"any of {', '.join(SCENARIOS)} (none: all)")
-    add("--target", choices=("wsbroadcast", "broadcaster", "both"), default="wsbroadcast",
-        help="what to start and measure")
+    add("--target", default="wsbroadcast", metavar="NAME[,NAME]",
+        help=f"what to start and measure, one after the other: any of {', '.join(TARGETS)}, comma-separated; "
+             "both: wsbroadcast,broadcaster; all: every one")
     add("--url", help="drive a running service (ws://127.0.0.1:8000) instead of starting one")
     add("--redis-url", help="with --url: the Redis it uses (unset: $REDIS_URL)")
     add("--redis-prefix", default=os.environ.get("REDIS_PREFIX", "broadcast:"),
@@ -131,6 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rates = [float(r) for r in args.rates.split(",") if r]
     except ValueError:
         parser.error(f"--rates {args.rates!r}: expected numbers separated by commas, e.g. 20,50")
+    args.targets = _targets(parser, args.target)
     unknown = set(args.scenarios) - set(SCENARIOS) - set(ALONE)
     if unknown:
         parser.error(f"unknown scenario {sorted(unknown)[0]!r}; expected any of {', '.join(SCENARIOS + ALONE)}")
@@ -177,12 +205,14 @@ async def _measure(args: argparse.Namespace) -> dict[str, TargetResult]:
     redis: PrivateRedis | None = None
     results: dict[str, TargetResult] = {}
     try:
-        names = ["wsbroadcast", "broadcaster"] if args.target == "both" else [args.target]
+        names = list(args.targets)
         if not args.url:
             redis = PrivateRedis()
             await asyncio.to_thread(redis.start)
             if "broadcaster" in names:
                 await asyncio.to_thread(ensure_baseline_venv)
+            if "node" in names:
+                await asyncio.to_thread(ensure_node_modules)
         extra_env = dict(item.split("=", 1) for item in args.env)
         variants = {"wsbroadcast": extra_env}
         if args.compare_env:
@@ -201,6 +231,8 @@ async def _measure(args: argparse.Namespace) -> dict[str, TargetResult]:
                     prefix = "bench:" if name == "wsbroadcast" else f"bench{list(variants).index(name)}:"
                     target = await asyncio.to_thread(start_wsbroadcast, redis.url, args.workers, variants[name],
                                                      args.publish_via, name, prefix)
+                elif name == "node":
+                    target = await asyncio.to_thread(start_node, redis.url, args.workers)
                 else:
                     target = await asyncio.to_thread(start_broadcaster, redis.url, args.workers)
             _describe_workers(target, attached=bool(args.url))

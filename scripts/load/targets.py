@@ -9,7 +9,9 @@ counters, and how ``--url`` mode finds them). Starting a server needs a clone of
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,6 +43,7 @@ BASELINE_PINS = (
     "gunicorn",
     "uvicorn-worker",
 )
+NODE_APP = ROOT / "benchmarks" / "node_ws"
 
 
 # The kernel's TCP states as /proc/net/tcp writes them.
@@ -271,6 +274,51 @@ def start_broadcaster(redis_url: str, workers: int) -> Target:
     except RuntimeError:
         target.stop()
         raise RuntimeError(f"broadcaster baseline did not start; log: {log_path}\n"
+                           f"{log_path.read_text()[-2000:]}") from None
+    return target
+
+
+def ensure_node_modules() -> Path:
+    """``benchmarks/node_ws/node_modules`` installed from its lock (``npm ci``) on first use."""
+    lock = NODE_APP / "package-lock.json"
+    if not lock.exists():
+        raise RuntimeError(f"no {lock}: the Node ws baseline runs from a clone of the repository")
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        raise RuntimeError("the Node ws baseline needs node (20 or later) and npm on PATH")
+    stamp = NODE_APP / "node_modules" / ".loadtest-lock"
+    want = hashlib.sha256(lock.read_bytes()).hexdigest()
+    if stamp.exists() and stamp.read_text() == want:
+        return Path(node)
+    print(f"loadtest: npm ci in {NODE_APP} for the Node ws baseline", file=sys.stderr, flush=True)
+    subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel", "error"], cwd=NODE_APP, check=True,
+                   stdin=subprocess.DEVNULL, stdout=sys.stderr, timeout=300)
+    stamp.write_text(want)
+    return Path(node)
+
+
+def start_node(redis_url: str, workers: int) -> Target:
+    node = ensure_node_modules()
+    port = free_port()
+    log_path = Path(tempfile.mkstemp(prefix="loadtest-node-", suffix=".log")[1])
+    env = {**os.environ, "REDIS_URL": redis_url, "PORT": str(port), "WEB_CONCURRENCY": str(workers),
+           "BIND_HOST": "127.0.0.1"}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([str(node), "server.js"], cwd=NODE_APP, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    # The cluster's primary forks the workers: its children are what serves and is measured.
+    target = Target("node", "127.0.0.1", port, redis_url, CHANNEL, acks_subscriptions=False,
+                    fanout_histogram=False, heartbeat_prefix=None, master=process.pid, log_path=log_path,
+                    process=process)
+
+    def ready() -> bool:
+        return log_path.read_text(errors="replace").count(" listening on ") >= workers
+
+    try:
+        _wait(ready, 60, "Node ws baseline", process)
+    except RuntimeError:
+        target.stop()
+        raise RuntimeError(f"Node ws baseline did not start; log: {log_path}\n"
                            f"{log_path.read_text()[-2000:]}") from None
     return target
 
