@@ -132,3 +132,24 @@ def test_fanout_frames_published_through_the_function_carry_offsets(redis_server
 def test_invalid_settings_are_refused_before_anything_starts() -> None:
     result = command("load", "fanout", "--compare-env", "HISTORY_SIZE=-1")
     assert result.returncode == 2 and "--compare-env: HISTORY_SIZE='-1' is invalid" in result.stderr
+
+
+def test_the_node_ws_cluster_is_measured_beside_the_service() -> None:
+    """``--target wsbroadcast,node``: both in one run; the node workers (the primary's children) measured."""
+    document, out, err = _loadtest("idle", "fanout", "--target", "wsbroadcast,node", "--connections", "50",
+                                   "--subscribers", "20")
+    assert list(document["results"]) == ["wsbroadcast", "node"]
+    node = document["results"]["node"]
+    assert node["idle"]["connected"] == 50 and node["idle"]["server_workers_measured"] == 2
+    assert node["idle"]["kb_per_connection"] > 0
+    step = node["fanout"]["steps"][0]
+    # The frames arrive as the publisher made them: every one decoded and counted, none twice.
+    assert step["delivered_fraction"] == 1.0 and step["duplicates"] == 0
+    assert step["server_workers_measured"] == 2 and step["server_cpu_us_per_delivery"] > 0
+    assert "| figure | wsbroadcast | node |" in out
+    assert "[node] server on 127.0.0.1:" in err
+
+
+def test_an_unknown_target_is_refused() -> None:
+    result = command("load", "idle", "--target", "wsbroadcast,nodejs")
+    assert result.returncode == 2 and "--target 'wsbroadcast,nodejs': expected any of" in result.stderr

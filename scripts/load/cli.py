@@ -103,8 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("scenarios", nargs="*", metavar="SCENARIO", help=f"any of {', '.join(SCENARIOS)} (none: all)")
     add("--target", default="wsbroadcast", metavar="NAME[,NAME]",
-        help=f"what to start and measure, one after the other: any of {', '.join(TARGETS)}, comma-separated; "
-             "both: wsbroadcast,broadcaster; all: every one")
+        help=f"what to start and measure, each in turn: {', '.join(TARGETS)} or several of them "
+             "(wsbroadcast,node); both: wsbroadcast,broadcaster; all: the three")
     add("--url", help="drive a running service (ws://127.0.0.1:8000) instead of starting one")
     add("--redis-url", help="with --url: the Redis it uses (unset: $REDIS_URL)")
     add("--redis-prefix", default=os.environ.get("REDIS_PREFIX", "broadcast:"),
