@@ -68,6 +68,7 @@ SCENARIOS = ("idle", "fanout", "slow", "redis-restart", "publish-rate", "recover
 # Run only when named (it starts its own brokers: one Redis, then a Redis Cluster).
 ALONE = ("channels",)
 INSTALLED = "wsbroadcast-loadtest"
+TARGETS = ("wsbroadcast", "broadcaster", "node")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -81,9 +82,6 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
 
 def _prog() -> str:
     return INSTALLED if Path(sys.argv[0]).name == INSTALLED else "scripts/loadtest"
-
-
-TARGETS = ("wsbroadcast", "broadcaster", "node")
 
 
 def _targets(parser: argparse.ArgumentParser, value: str) -> list[str]:
