@@ -252,29 +252,36 @@ def ensure_baseline_venv() -> Path:
 def start_broadcaster(redis_url: str, workers: int) -> Target:
     venv = ensure_baseline_venv()
     port = free_port()
-    log_path = Path(tempfile.mkstemp(prefix="loadtest-broadcaster-", suffix=".log")[1])
     env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
     env.pop("VIRTUAL_ENV", None)
     args = [
         str(venv / "bin" / "gunicorn"), "-w", str(workers), "-k", "uvicorn_worker.UvicornWorker",
         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", "benchmarks.broadcaster_app:app",
     ]
+    return _start_baseline("broadcaster", "broadcaster baseline", args, ROOT, env, port, redis_url,
+                           "Application startup complete", workers)
+
+
+def _start_baseline(name: str, label: str, args: list[str], cwd: Path, env: dict[str, str], port: int,
+                    redis_url: str, ready_line: str, workers: int) -> Target:
+    """Start a baseline server (no acks, no heartbeats, no /metrics) and wait until each of its
+    workers has logged ``ready_line``; its master's children are what serves and is measured."""
+    log_path = Path(tempfile.mkstemp(prefix=f"loadtest-{name}-", suffix=".log")[1])
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
-    target = Target("broadcaster", "127.0.0.1", port, redis_url, CHANNEL, acks_subscriptions=False,
+    target = Target(name, "127.0.0.1", port, redis_url, CHANNEL, acks_subscriptions=False,
                     fanout_histogram=False, heartbeat_prefix=None, master=process.pid, log_path=log_path,
                     process=process)
 
     def ready() -> bool:
-        return log_path.read_text(errors="replace").count("Application startup complete") >= workers
+        return log_path.read_text(errors="replace").count(ready_line) >= workers
 
     try:
-        _wait(ready, 60, "broadcaster baseline", process)
+        _wait(ready, 60, label, process)
     except RuntimeError:
         target.stop()
-        raise RuntimeError(f"broadcaster baseline did not start; log: {log_path}\n"
-                           f"{log_path.read_text()[-2000:]}") from None
+        raise RuntimeError(f"{label} did not start; log: {log_path}\n{log_path.read_text()[-2000:]}") from None
     return target
 
 
@@ -300,27 +307,11 @@ def ensure_node_modules() -> Path:
 def start_node(redis_url: str, workers: int) -> Target:
     node = ensure_node_modules()
     port = free_port()
-    log_path = Path(tempfile.mkstemp(prefix="loadtest-node-", suffix=".log")[1])
     env = {**os.environ, "REDIS_URL": redis_url, "PORT": str(port), "WEB_CONCURRENCY": str(workers),
            "BIND_HOST": "127.0.0.1"}
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([str(node), "server.js"], cwd=NODE_APP, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     # The cluster's primary forks the workers: its children are what serves and is measured.
-    target = Target("node", "127.0.0.1", port, redis_url, CHANNEL, acks_subscriptions=False,
-                    fanout_histogram=False, heartbeat_prefix=None, master=process.pid, log_path=log_path,
-                    process=process)
-
-    def ready() -> bool:
-        return log_path.read_text(errors="replace").count(" listening on ") >= workers
-
-    try:
-        _wait(ready, 60, "Node ws baseline", process)
-    except RuntimeError:
-        target.stop()
-        raise RuntimeError(f"Node ws baseline did not start; log: {log_path}\n"
-                           f"{log_path.read_text()[-2000:]}") from None
-    return target
+    return _start_baseline("node", "Node ws baseline", [str(node), "server.js"], NODE_APP, env, port, redis_url,
+                           " listening on ", workers)
 
 
 def attach(url: str, redis_url: str, prefix: str, master: int | None, env: dict[str, str] | None = None,
