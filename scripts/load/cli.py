@@ -285,9 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.time()
     load = os.getloadavg()
-    if args.scenarios == ["channels"]:
-        return _channels(args, argv, started, load)
     try:
+        if args.scenarios == ["channels"]:
+            by_broker = asyncio.run(channels.run(args))
+            print(channels.table(by_broker))
+            _write_json(args, argv, started, load, [r.__dict__ for r in by_broker])
+            return 0
         results = asyncio.run(_measure(args))
     except KeyboardInterrupt:
         return 130
@@ -319,16 +322,3 @@ def _write_json(
         print(text)
     else:
         Path(args.json).write_text(text + "\n")
-
-
-def _channels(args: argparse.Namespace, argv: list[str] | None, started: float, load: tuple[float, ...]) -> int:
-    try:
-        results = asyncio.run(channels.run(args))
-    except KeyboardInterrupt:
-        return 130
-    except (ServiceError, RuntimeError) as exc:
-        print(f"{_prog()}: {exc}", file=sys.stderr)
-        return 1
-    print(channels.table(results))
-    _write_json(args, argv, started, load, [r.__dict__ for r in results])
-    return 0
